@@ -1,0 +1,35 @@
+# make demo   set up everything and run the main job
+# make test   set up everything and run the tests
+# The virtualenv lives under the cache so every clone on a machine shares it and the DeepSpeed
+# C++ ops JIT-built into ~/.cache/torch_extensions stay valid (they record absolute paths).
+MMTRAIN_CACHE ?= $(HOME)/.cache/mmtrain
+VENV ?= $(MMTRAIN_CACHE)/venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mmtrain-deps-$(shell cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-12)
+
+.PHONY: setup test test-fast demo tiny-data clean
+
+setup: $(STAMP)
+	@$(PY) -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+
+$(STAMP): requirements.txt requirements-dev.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	rm -f $(VENV)/.mmtrain-deps-* && touch $@
+
+tiny-data: setup
+	$(PY) -m mmtrain.data.synthetic runs/tiny_data
+
+demo: tiny-data
+	$(PY) -m mmtrain.train configs/tiny.yaml
+
+test: setup
+	$(PY) -m pytest -q -ra
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf runs .pytest_cache

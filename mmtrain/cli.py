@@ -1,0 +1,35 @@
+"""The `mmtrain` console command: `mmtrain train ...`, `mmtrain data check ...`."""
+
+from __future__ import annotations
+
+import sys
+
+
+USAGE = """usage: mmtrain COMMAND ...
+
+commands:
+  train CONFIG.yaml [--set KEY=VALUE ...]   train a VLM (same as python -m mmtrain.train)
+  data check MANIFEST [options]             validate a JSONL manifest before training
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        from mmtrain.train import main as train_main
+
+        return train_main(rest, prog="mmtrain train")
+    if command == "data" and rest[:1] == ["check"]:
+        from mmtrain.data.check import main as check_main
+
+        return check_main(rest[1:])
+    print(f"mmtrain: unknown command {' '.join(argv[:2])!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

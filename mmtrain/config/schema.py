@@ -1,0 +1,142 @@
+"""The run configuration: typed dataclasses, the single source of truth for every setting.
+
+A YAML file maps onto `RunConfig`; `mmtrain.config.loader` does the strict parsing (unknown keys,
+wrong types and invalid choices fail naming the key). The DeepSpeed JSON's `"auto"` values are
+filled from these fields by `mmtrain.engine.ds_config`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Trainability = Literal["frozen", "full", "adapters"]
+
+
+@dataclass
+class VisionConfig:
+    """The vision tower: any Hugging Face vision model, by name/path or built from a config dict."""
+
+    kind: str = "hf"
+    """Tower family from the vision registry (`hf` = any Hugging Face vision model)."""
+    name_or_path: str | None = None
+    """Hugging Face model name or local folder; loaded with its image processor."""
+    config: dict[str, Any] | None = None
+    """Build a randomly initialised tower from this config dict instead (needs `model_type`)."""
+    trainable: Trainability = "frozen"
+    trainable_top_k: int = 0
+    """With `trainable: frozen`, still train the top k transformer blocks of the tower."""
+    feature_layer: int = -1
+    """Which hidden state feeds the resampler (-1 = last block's output, -2 = the one before...)."""
+    drop_cls: bool = True
+    """Drop the CLS token (when the tower has one) and keep only patch tokens."""
+
+
+@dataclass
+class ResamplerConfig:
+    """The visual prompt generator between the tower and the projector."""
+
+    kind: Literal["qformer", "mlp"] = "qformer"
+    num_queries: int = 32
+    num_layers: int = 2
+    hidden_size: int = 768
+    num_heads: int = 8
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    trainable: Trainability = "full"
+
+
+@dataclass
+class ProjectorConfig:
+    """Linear (optionally MLP) map from the resampler width into the LLM's embedding width."""
+
+    kind: Literal["linear", "mlp"] = "linear"
+    trainable: Trainability = "full"
+
+
+@dataclass
+class LLMConfig:
+    """The language model: a Hugging Face causal LM, loaded frozen by default."""
+
+    name_or_path: str | None = None
+    config: dict[str, Any] | None = None
+    """Build a randomly initialised LLM from this config dict instead (needs `model_type`)."""
+    tokenizer: str | None = None
+    """Tokenizer folder; defaults to `name_or_path`."""
+    trainable: Trainability = "frozen"
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    init_seed: int = 0
+    """Seed for randomly initialised modules (resampler, projector, towers built from a config)."""
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None
+    """Training manifest (JSONL); image paths are relative to it."""
+    val: str | None = None
+    bad_samples: Literal["error", "skip"] = "error"
+    template: Literal["plain", "chat", "chatml"] = "plain"
+    max_length: int = 512
+    """Longest sample in tokens, image tokens included; longer samples are bad samples."""
+    image_placeholder: str = "<image>"
+    shuffle: bool = True
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw"] = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
+    """Per-component LR factors, e.g. `{projector: 5.0}`; keys: vision, resampler, projector, llm."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    """Cosine decays to `lr * min_lr_ratio`."""
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = 0
+    """Save every N optimizer steps (0 = only at the end)."""
+    keep_last: int = 2
+    resume: str = "auto"
+    """`auto` (latest complete checkpoint in output_dir, if any), `never`, or a checkpoint folder."""
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs. Public keys map one to one onto YAML keys."""
+
+    deepspeed: str = "ds_configs/zero2.json"
+    output_dir: str = "runs/default"
+    max_steps: int = 100
+    """Optimizer steps of the whole run; the LR schedule spans them."""
+    stop_after_steps: int | None = None
+    """End this invocation at this global step (the schedule still spans max_steps), e.g. to fit
+    a job's time limit; a later invocation resumes."""
+    seed: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    micro_batch_size: int = 4
+    """Samples per rank per forward."""
+    grad_accum_steps: int = 1
+    grad_clip: float = 1.0
+    gradient_checkpointing: bool = False
+    log_every: int = 1
+    progress_bar: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

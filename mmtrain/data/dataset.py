@@ -1,0 +1,181 @@
+"""The training dataset: samples from a manifest loaded as tensors, with a bad-sample policy.
+
+With ``bad_samples="error"`` the first unusable sample stops training with an
+error naming its manifest line. With ``"skip"`` it is recorded (skip log and
+warning) and the next usable sample is returned in its place, so batch shapes
+never change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from mmtrain.data.errors import BadSampleError
+from mmtrain.data.images import ImageLoadError, load_image
+from mmtrain.data.manifest import Sample
+from mmtrain.data.templates import Encoded, PromptTemplate, TokenizerLike
+
+logger = logging.getLogger(__name__)
+
+BAD_SAMPLE_POLICIES: tuple[str, ...] = ("error", "skip")
+# Beyond this many skips per process, details go to the skip log only.
+_MAX_SKIP_WARNINGS = 20
+
+
+class VLMDataset(Dataset[dict[str, Any]]):
+    """Image-text samples encoded with a prompt template.
+
+    Items are dicts with ``input_ids`` (LongTensor [T]), ``labels``
+    (LongTensor [T]), ``image_mask`` (BoolTensor [T]), ``pixel_values``
+    (FloatTensor ``image_shape``, zeros for text-only samples) and
+    ``has_image`` (bool).
+
+    Attributes:
+        skipped: Distinct bad samples this process has skipped.
+    """
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        tokenizer: TokenizerLike,
+        image_transform: Callable[[Image.Image], torch.Tensor],
+        image_shape: tuple[int, int, int],
+        template: PromptTemplate,
+        num_image_tokens: int,
+        max_length: int,
+        bad_samples: str = "error",
+        skip_log: Path | None = None,
+    ) -> None:
+        """Creates the dataset.
+
+        Args:
+            samples: Samples from read_manifest.
+            tokenizer: The language model's tokenizer.
+            image_transform: Turns an RGB image into a tensor of ``image_shape``.
+            image_shape: Shape of ``pixel_values``, e.g. ``(3, 224, 224)``.
+            template: How samples become token sequences.
+            num_image_tokens: Sequence positions an image takes.
+            max_length: Longest allowed encoded sample, in tokens.
+            bad_samples: ``"error"`` or ``"skip"``.
+            skip_log: JSONL file that receives one line per skipped sample.
+
+        Raises:
+            ValueError: Unknown ``bad_samples`` policy, no samples, or a
+                non-positive ``max_length``.
+        """
+        if bad_samples not in BAD_SAMPLE_POLICIES:
+            raise ValueError(
+                f"data.bad_samples must be one of {', '.join(BAD_SAMPLE_POLICIES)}, got {bad_samples!r}"
+            )
+        if not samples:
+            raise ValueError("the dataset has no samples")
+        if max_length <= 0:
+            raise ValueError(f"data.max_length must be positive, got {max_length}")
+        if num_image_tokens < 0:
+            raise ValueError(f"num_image_tokens must not be negative, got {num_image_tokens}")
+        self.samples = samples
+        self.tokenizer = tokenizer
+        self.image_transform = image_transform
+        self.image_shape = tuple(image_shape)
+        self.template = template
+        self.num_image_tokens = num_image_tokens
+        self.max_length = max_length
+        self.bad_samples = bad_samples
+        self.skip_log = Path(skip_log) if skip_log is not None else None
+        self.skipped = 0
+        self._known_bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """Loads sample ``index``, or under the skip policy the next usable one.
+
+        Raises:
+            BadSampleError: The sample is unusable and the policy is
+                ``"error"``, or every sample of the dataset is unusable.
+        """
+        count = len(self.samples)
+        for step in range(count):
+            current = (index + step) % count
+            if current in self._known_bad:
+                continue
+            try:
+                return self.load(current)
+            except BadSampleError as error:
+                if self.bad_samples == "error":
+                    raise
+                self._known_bad.add(current)
+                self._record_skip(error)
+        first = self.samples[index % count]
+        raise BadSampleError(
+            first.manifest, first.line,
+            f"every one of the {count} samples is unusable, nothing left to train on"
+            + (f" (reasons in {self.skip_log})" if self.skip_log else ""),
+            hint="fix the data",
+        )
+
+    def load(self, index: int) -> dict[str, Any]:
+        """Loads sample ``index`` without the skip policy.
+
+        Raises:
+            BadSampleError: The sample is unusable.
+        """
+        sample = self.samples[index]
+        encoded = self.template.encode(sample, self.tokenizer, self.num_image_tokens)
+        self._check_length(sample, encoded)
+        if sample.image is None:
+            pixel_values = torch.zeros(self.image_shape, dtype=torch.float32)
+        else:
+            try:
+                image = load_image(sample.image)
+            except ImageLoadError as error:
+                raise BadSampleError(sample.manifest, sample.line, error.reason) from None
+            pixel_values = self.image_transform(image)
+            if tuple(pixel_values.shape) != self.image_shape:
+                raise RuntimeError(
+                    f"the image transform returned shape {tuple(pixel_values.shape)}, "
+                    f"expected {self.image_shape}"
+                )
+            pixel_values = pixel_values.to(torch.float32)
+        return {
+            "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
+            "labels": torch.tensor(encoded.labels, dtype=torch.long),
+            "image_mask": torch.tensor(encoded.image_mask, dtype=torch.bool),
+            "pixel_values": pixel_values,
+            "has_image": sample.image is not None,
+        }
+
+    def _check_length(self, sample: Sample, encoded: Encoded) -> None:
+        if len(encoded) > self.max_length:
+            raise BadSampleError(
+                sample.manifest, sample.line,
+                f"text longer than the context: {len(encoded)} tokens > data.max_length {self.max_length}",
+            )
+
+    def _record_skip(self, error: BadSampleError) -> None:
+        """Logs a skipped sample to the skip log and, for the first few, as a warning."""
+        self.skipped += 1
+        if self.skip_log is not None:
+            record = {"manifest": str(error.manifest), "line": error.line, "reason": error.reason}
+            self.skip_log.parent.mkdir(parents=True, exist_ok=True)
+            # A single unbuffered write to a file opened with O_APPEND keeps lines
+            # whole when several DataLoader workers log at the same time.
+            descriptor = os.open(self.skip_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(descriptor, (json.dumps(record) + "\n").encode("utf-8"))
+            finally:
+                os.close(descriptor)
+        if self.skip_log is None or self.skipped <= _MAX_SKIP_WARNINGS:
+            logger.warning("skipping bad sample %s:%d: %s", error.manifest, error.line, error.reason)
+        if self.skip_log is not None and self.skipped == _MAX_SKIP_WARNINGS:
+            logger.warning("further skipped samples are only listed in %s", self.skip_log)

@@ -1,0 +1,236 @@
+"""JSONL manifests: reading and validating the records that describe training samples.
+
+A manifest holds one JSON object per line (blank lines are ignored) in one of
+two shapes:
+
+* caption: ``{"image": "path", "text": "..."}``
+* instruction: ``{"image": "path" | null, "conversations": [{"from": "human", "value": "..."}, ...]}``
+
+Both may also carry ``"id"`` (any value) and ``"category"`` (a string). Image
+paths are relative to the manifest's folder unless absolute. Images are not
+opened here; that happens when a sample is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from mmtrain.data.errors import ManifestError
+
+ALLOWED_KEYS: tuple[str, ...] = ("category", "conversations", "id", "image", "text")
+TURN_KEYS: tuple[str, ...] = ("from", "value")
+HUMAN = "human"
+GPT = "gpt"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One record of a manifest.
+
+    Exactly one of ``text`` (caption) and ``conversations`` is set.
+
+    Attributes:
+        manifest: The manifest file the record came from.
+        line: 1-based line number of the record in the manifest.
+        image: Path of the image, or None for a text-only sample.
+        text: The caption of a caption record.
+        conversations: ``(role, value)`` turns of an instruction record, role
+            being ``"human"`` or ``"gpt"``.
+        category: Optional free-form category of the sample.
+    """
+
+    manifest: Path
+    line: int
+    image: Path | None
+    text: str | None
+    conversations: tuple[tuple[str, str], ...] | None
+    category: str | None
+
+    @property
+    def has_image(self) -> bool:
+        """Whether the sample comes with an image."""
+        return self.image is not None
+
+
+def _json_type(value: Any) -> str:
+    """Names the JSON type of a decoded value, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _quoted(names: tuple[str, ...]) -> str:
+    return ", ".join(f'"{name}"' for name in names)
+
+
+def _parse_conversations(value: Any, fail: Callable[[str], NoReturn]) -> tuple[tuple[str, str], ...]:
+    """Validates the ``conversations`` field; ``fail(reason)`` raises a ManifestError."""
+    if not isinstance(value, list):
+        fail(f'"conversations" must be a list of turns, got {_json_type(value)}')
+    if not value:
+        fail('"conversations" is an empty list')
+    turns: list[tuple[str, str]] = []
+    for number, turn in enumerate(value, start=1):
+        where = f"conversation turn {number}"
+        if not isinstance(turn, dict):
+            fail(f'{where} must be an object with "from" and "value", got {_json_type(turn)}')
+        for key in turn:
+            if key not in TURN_KEYS:
+                fail(f'{where} has unknown key "{key}" (allowed keys: {_quoted(TURN_KEYS)})')
+        for key in TURN_KEYS:
+            if key not in turn:
+                fail(f'{where} has no "{key}" key')
+        role, text = turn["from"], turn["value"]
+        if role not in (HUMAN, GPT):
+            fail(f'{where}: "from" must be "{HUMAN}" or "{GPT}", got {json.dumps(role)}')
+        if not isinstance(text, str):
+            fail(f'{where}: "value" must be a string, got {_json_type(text)}')
+        expected = HUMAN if number % 2 == 1 else GPT
+        if role != expected:
+            fail(f'{where} is from "{role}" but should be from "{expected}" '
+                 f'(turns must alternate, starting with "{HUMAN}")')
+        turns.append((role, text))
+    if len(turns) < 2:
+        fail(f'the conversation has no "{GPT}" turn, so there is nothing to learn from')
+    return tuple(turns)
+
+
+def parse_record(raw: str, manifest: Path, line: int) -> Sample:
+    """Parses one manifest line into a Sample.
+
+    Args:
+        raw: The text of the line (not blank).
+        manifest: Path of the manifest, used to resolve relative image paths.
+        line: 1-based line number, used in error messages.
+
+    Returns:
+        The parsed sample.
+
+    Raises:
+        ManifestError: The line is not valid JSON or does not follow the schema.
+    """
+
+    def fail(reason: str) -> NoReturn:
+        raise ManifestError(manifest, line, reason)
+
+    try:
+        record = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise ManifestError(manifest, line, f"not valid JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(record, dict):
+        fail(f"expected a JSON object, got {_json_type(record)}")
+    for key in record:
+        if key not in ALLOWED_KEYS:
+            fail(f'unknown key "{key}" (allowed keys: {_quoted(ALLOWED_KEYS)})')
+
+    has_text, has_conversations = "text" in record, "conversations" in record
+    if has_text and has_conversations:
+        fail('expected either "text" or "conversations", not both')
+    if not has_text and not has_conversations:
+        fail('expected "text" (a string) or "conversations" (a list)')
+
+    image_value = record.get("image")
+    image: Path | None = None
+    if image_value is not None:
+        if not isinstance(image_value, str):
+            fail(f'"image" must be a path string or null, got {_json_type(image_value)}')
+        if not image_value.strip():
+            fail('"image" is an empty string')
+        # An absolute image path stays absolute when joined.
+        image = manifest.parent / image_value
+
+    text: str | None = None
+    conversations: tuple[tuple[str, str], ...] | None = None
+    if has_text:
+        text = record["text"]
+        if not isinstance(text, str):
+            fail(f'expected "text" (a string) or "conversations" (a list), but "text" is {_json_type(text)}')
+        if image is None:
+            fail('a caption record ("text") needs an "image"; use "conversations" for text-only samples')
+    else:
+        conversations = _parse_conversations(record["conversations"], fail)
+
+    category = record.get("category")
+    if category is not None and not isinstance(category, str):
+        fail(f'"category" must be a string, got {_json_type(category)}')
+
+    return Sample(
+        manifest=manifest, line=line, image=image, text=text, conversations=conversations, category=category
+    )
+
+
+def scan_manifest(path: str | Path) -> Iterator[Sample | ManifestError]:
+    """Parses a manifest line by line without stopping at broken lines.
+
+    Args:
+        path: The JSONL manifest.
+
+    Yields:
+        A Sample for each valid line, a ManifestError (not raised) for each
+        broken one. Blank lines yield nothing.
+
+    Raises:
+        ManifestError: The file cannot be read at all (line 0).
+    """
+    manifest = Path(path)
+    if not manifest.exists():
+        raise ManifestError(manifest, 0, "manifest file not found", hint="check the path")
+    if manifest.is_dir():
+        raise ManifestError(manifest, 0, "the manifest path is a directory, not a JSONL file", hint="check the path")
+    try:
+        handle = manifest.open("rb")
+    except OSError as error:
+        reason = f"cannot read the manifest ({error.strerror})"
+        raise ManifestError(manifest, 0, reason, hint="check the path") from None
+    with handle:
+        for line, raw_bytes in enumerate(handle, start=1):
+            try:
+                raw = raw_bytes.decode("utf-8")
+            except UnicodeDecodeError as error:
+                yield ManifestError(manifest, line, f"not UTF-8 text ({error.reason} at byte {error.start})")
+                continue
+            if line == 1:
+                raw = raw.removeprefix("\ufeff")
+            if not raw.strip():
+                continue
+            try:
+                yield parse_record(raw, manifest, line)
+            except ManifestError as error:
+                yield error
+
+
+def read_manifest(path: str | Path) -> list[Sample]:
+    """Reads and validates a whole manifest.
+
+    Args:
+        path: The JSONL manifest.
+
+    Returns:
+        The samples in file order.
+
+    Raises:
+        ManifestError: The file is missing or empty, or a line is not valid
+            JSON or breaks the schema (the first such line is reported).
+    """
+    samples: list[Sample] = []
+    for item in scan_manifest(path):
+        if isinstance(item, ManifestError):
+            raise item
+        samples.append(item)
+    if not samples:
+        raise ManifestError(path, 0, "the manifest has no samples (the file is empty or only has blank lines)")
+    return samples

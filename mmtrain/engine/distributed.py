@@ -1,0 +1,73 @@
+"""Process-group set-up for every way mmtrain is launched.
+
+- `deepspeed --num_gpus N --module mmtrain.train ...` and `torchrun --nproc_per_node N -m mmtrain.train ...`
+  set RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT themselves.
+- `srun` sets SLURM_PROCID / SLURM_LOCALID / SLURM_STEP_NUM_TASKS: ranks come from those, MASTER_ADDR
+  is the first host of the step (`scontrol show hostnames`), MASTER_PORT derives from the job id.
+- A bare `python -m mmtrain.train ...` runs as a single rank on a free local port.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    launcher: str
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return nodelist.split(",")[0]
+
+
+def setup_dist_env(environ: dict[str, str] | None = None) -> DistEnv:
+    """Fill the torch.distributed environment variables for the launcher in use (in place)."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        launcher = "deepspeed/torchrun"
+        env.setdefault("LOCAL_RANK", env["RANK"])
+    elif "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
+        launcher = "srun"
+        env["RANK"] = env["SLURM_PROCID"]
+        env["WORLD_SIZE"] = env["SLURM_STEP_NUM_TASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+        env.setdefault("MASTER_ADDR", _first_slurm_host(nodelist))
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+    else:
+        launcher = "single-process"
+        env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = "0", "1", "0"
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    return DistEnv(int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"]), launcher)
+
+
+def init_distributed() -> DistEnv:
+    """Set up the environment and DeepSpeed's process group (gloo on CPU, NCCL on CUDA)."""
+    import datetime
+
+    import deepspeed
+
+    dist_env = setup_dist_env()
+    if not deepspeed.comm.is_initialized():
+        timeout = datetime.timedelta(seconds=int(os.environ.get("MMTRAIN_DIST_TIMEOUT_S", "1800")))
+        deepspeed.init_distributed(timeout=timeout)
+    return dist_env

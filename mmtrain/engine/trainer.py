@@ -1,0 +1,269 @@
+"""The training loop: build the VLM, wrap it in a DeepSpeed engine, train, log, checkpoint, resume.
+
+Launch (from the repository root; the same config runs under every launcher):
+    python -m mmtrain.train configs/tiny.yaml                               # one process
+    deepspeed --num_gpus 2 --module mmtrain.train configs/tiny.yaml         # DeepSpeed launcher
+    torchrun --nproc_per_node 2 -m mmtrain.train configs/tiny.yaml          # torchrun
+    srun -n 2 python -m mmtrain.train configs/tiny.yaml                     # SLURM
+
+Data order and randomness are functions of (seed, global step, rank), so a resumed run sees the
+same batches and dropout masks as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import mmtrain
+from mmtrain.config import RunConfig, dump_config, to_dict
+from mmtrain.engine.accelerator import on_cpu
+from mmtrain.engine.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from mmtrain.engine.distributed import DistEnv, init_distributed
+from mmtrain.engine.ds_config import fill_ds_config, load_ds_json, zero_stage
+from mmtrain.engine.metrics import MetricsLog, local_parameter_report, peak_memory
+from mmtrain.engine.optim import build_param_groups, lr_factor, scheduler_factory
+from mmtrain.models import build_vlm, format_parameter_table, parameter_table
+from mmtrain.utils.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger("mmtrain")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _llm_hidden_size(cfg: RunConfig) -> int:
+    from transformers import AutoConfig
+
+    llm = cfg.model.llm
+    if llm.name_or_path:
+        return AutoConfig.from_pretrained(llm.name_or_path, trust_remote_code=llm.trust_remote_code).hidden_size
+    params = dict(llm.config or {})
+    return AutoConfig.for_model(params.pop("model_type", "llama"), **params).hidden_size
+
+
+def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + micro * 104_729 + rank * 15_485_863) % (2**63 - 1)
+
+
+class Trainer:
+    """One training run described by a RunConfig; `fit()` trains to `max_steps` (or `stop_after_steps`)."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        import deepspeed
+
+        self.cfg = cfg
+        self.dist: DistEnv = init_distributed()
+        self.rank, self.world_size = self.dist.rank, self.dist.world_size
+        self.is_main = self.rank == 0
+        _configure_logging(self.is_main)
+        if cfg.precision == "fp16" and on_cpu():
+            raise ValueError("precision=fp16 needs a GPU; on CPU use fp32 (bf16 works but is far slower there)")
+        self.output_dir = Path(cfg.output_dir)
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.output_dir / "config.yaml")
+        ds_path = cfg.deepspeed
+        self.ds_config = fill_ds_config(load_ds_json(ds_path), cfg, self.world_size, _llm_hidden_size(cfg), on_cpu(),
+                                        source=ds_path)
+        self.zero_stage = zero_stage(self.ds_config)
+
+        llm_context = self._zero3_construction() if self.zero_stage == 3 else contextlib.nullcontext()
+        model, self.tokenizer, self.attn_implementation = build_vlm(cfg.model, DTYPES[cfg.precision], llm_context)
+        if cfg.gradient_checkpointing:
+            model.llm.enable_gradient_checkpointing()
+            model.keep_llm_in_train_mode = True
+        self.param_rows = parameter_table(model)
+        table = format_parameter_table(self.param_rows)
+        log.info("parameters:\n%s", table)
+
+        self.dataset, self.collator = self._build_data(model)
+        groups = build_param_groups(model, cfg.optim)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=groups, config=self.ds_config,
+            lr_scheduler=scheduler_factory(cfg.optim, cfg.max_steps),
+        )
+        self.model = self.engine.module
+        self.metrics = MetricsLog(self.output_dir, self.is_main)
+        self.start_step = 0
+        self.samples_seen = 0
+        self.tokens_seen = 0
+        resume_from = resolve_resume(cfg.checkpoint.resume, self.output_dir)
+        if resume_from is not None:
+            state = load_checkpoint(self.engine, resume_from)
+            self.start_step = int(state["global_step"])
+            self.samples_seen = int(state.get("samples_seen", 0))
+            self.tokens_seen = int(state.get("tokens_seen", 0))
+            self.metrics.truncate_after(self.start_step)
+            log.info("resumed from %s at step %d", resume_from, self.start_step)
+        if self.is_main:
+            atomic_write_text(self.output_dir / "params.txt", table + "\n")
+            atomic_write_json(self.output_dir / "run_info.json", self._run_info(resume_from))
+
+    @contextlib.contextmanager
+    def _zero3_construction(self):
+        """Build the LLM inside zero.Init (partitioned as created, HF initialisation intact).
+
+        The HfDeepSpeedConfig must stay referenced for the engine's life: transformers consults it
+        (weakly) to construct under zero.Init and later for ZeRO-3-aware calls such as generation.
+        It is created only here, so the vision side is built as ordinary modules first.
+        """
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
+        yield
+
+    # ------------------------------------------------------------------ data
+    def _build_data(self, model):
+        from mmtrain.data import Collator, VLMDataset, get_template, read_manifest
+
+        cfg = self.cfg
+        if not cfg.data.train:
+            raise ValueError("data.train: set the training manifest (a JSONL file)")
+        samples = read_manifest(cfg.data.train)
+        dataset = VLMDataset(
+            samples,
+            tokenizer=self.tokenizer,
+            image_transform=model.vision.image_transform,
+            image_shape=tuple(model.vision.image_shape),
+            template=get_template(cfg.data.template),
+            num_image_tokens=model.num_image_tokens,
+            max_length=cfg.data.max_length,
+            bad_samples=cfg.data.bad_samples,
+            skip_log=self.output_dir / "skipped.jsonl",
+        )
+        return dataset, Collator(self.tokenizer.pad_token_id)
+
+    def _loader(self, start_batch: int):
+        from torch.utils.data import DataLoader
+
+        from mmtrain.data import StepSampler
+
+        cfg = self.cfg
+        sampler = StepSampler(len(self.dataset), cfg.micro_batch_size, self.rank, self.world_size, cfg.seed,
+                              shuffle=cfg.data.shuffle, start_batch=start_batch)
+        self.sampler = sampler
+        return DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collator,
+                          num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict[str, Any]:
+        """Train until max_steps (or stop_after_steps); returns the last logged record."""
+        from tqdm import tqdm
+
+        import deepspeed.comm as dist
+
+        cfg = self.cfg
+        gas = cfg.grad_accum_steps
+        end = cfg.max_steps if cfg.stop_after_steps is None else min(cfg.max_steps, cfg.stop_after_steps)
+        batches = iter(self._loader(self.start_step * gas))
+        device = self.engine.device
+        self.engine.train()
+        bar = tqdm(total=cfg.max_steps, initial=self.start_step, disable=not (self.is_main and cfg.progress_bar),
+                   desc="train", dynamic_ncols=True, file=sys.stderr)
+        record: dict[str, Any] = {}
+        last_saved = self.start_step
+        step = self.start_step
+        while step < end:
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            tokens = 0
+            samples = 0
+            for micro in range(gas):
+                batch = next(batches)
+                torch.manual_seed(step_seed(cfg.seed, step, micro, self.rank))
+                batch = {k: v.to(device) for k, v in batch.items()}
+                loss = self.engine(**batch).loss
+                self.engine.backward(loss)
+                self.engine.step()
+                loss_sum += loss.detach().double().cpu()
+                tokens += int(batch["attention_mask"].sum())
+                samples += int(batch["input_ids"].shape[0])
+            step += 1
+            totals = torch.tensor([float(loss_sum), float(tokens), float(samples)], dtype=torch.float64)
+            dist.all_reduce(totals)
+            step_time = time.perf_counter() - t0
+            self.tokens_seen += int(totals[1])
+            self.samples_seen += int(totals[2])
+            if step % cfg.log_every == 0 or step == end:
+                record = {
+                    "step": step,
+                    "loss": float(totals[0]) / (gas * self.world_size),
+                    "lr": cfg.optim.lr * lr_factor(step - 1, cfg.optim, cfg.max_steps),
+                    "tokens_per_s": float(totals[1]) / step_time,
+                    "step_time_s": step_time,
+                    "samples": self.samples_seen,
+                    "tokens": self.tokens_seen,
+                    "epoch": self.sampler.epoch_of(step * gas - 1),
+                }
+                grad_norm = self.engine.get_global_grad_norm()
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                self.metrics.log(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            bar.update(1)
+            if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step < end:
+                self.save(step)
+                last_saved = step
+        bar.close()
+        if step > last_saved:
+            self.save(step)
+        self._write_rank_report()
+        skipped = getattr(self.dataset, "skipped", 0)
+        if skipped:
+            log.warning("rank %d skipped %d bad samples; see %s", self.rank, skipped, self.output_dir / "skipped.jsonl")
+        if self.is_main:
+            log.info("done at step %d; checkpoints in %s", step, self.output_dir / "checkpoints")
+        return record
+
+    def save(self, step: int) -> Path:
+        state = {"global_step": step, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen}
+        path = save_checkpoint(self.engine, self.output_dir, step, state, self.cfg.checkpoint.keep_last)
+        log.info("saved checkpoint %s", path)
+        return path
+
+    # ------------------------------------------------------------------ records
+    def _write_rank_report(self) -> None:
+        report = {"rank": self.rank, "world_size": self.world_size, "zero_stage": self.zero_stage,
+                  "parameters": local_parameter_report(self.model), **peak_memory()}
+        atomic_write_json(self.output_dir / "ranks" / f"rank{self.rank}.json", report)
+
+    def _run_info(self, resume_from: Path | None) -> dict[str, Any]:
+        import deepspeed
+        import transformers
+
+        return {
+            "mmtrain": mmtrain.__version__,
+            "torch": torch.__version__,
+            "deepspeed": deepspeed.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+            "accelerator": "cpu" if on_cpu() else torch.cuda.get_device_name(0),
+            "launcher": self.dist.launcher,
+            "world_size": self.world_size,
+            "zero_stage": self.zero_stage,
+            "attn_implementation": self.attn_implementation,
+            "num_image_tokens": self.model.num_image_tokens,
+            "parameters": self.param_rows,
+            "deepspeed_config": self.ds_config,
+            "resumed_from": str(resume_from) if resume_from else None,
+            "config": to_dict(self.cfg),
+        }
+
+
+def _configure_logging(is_main: bool) -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
+                        format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
+    try:
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+    except ImportError:
+        pass

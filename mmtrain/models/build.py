@@ -1,0 +1,51 @@
+"""Assemble a VisionLanguageModel and its tokenizer from the model config.
+
+The vision side is built first (seeded, ordinary construction). The LLM is built last inside
+`llm_context`, which the engine sets to DeepSpeed's ZeRO-3 construction context when the run is
+ZeRO-3, so only the LLM's partition ever lives on a rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager
+
+import torch
+
+from mmtrain.config.schema import ModelConfig
+from mmtrain.models.attention import resolve_attn_implementation
+from mmtrain.models.llm import build_llm, load_tokenizer
+from mmtrain.models.projector import build_projector
+from mmtrain.models.resampler import build_resampler
+from mmtrain.models.trainability import apply_trainability
+from mmtrain.models.vision import build_vision_tower
+from mmtrain.models.vlm import VisionLanguageModel
+
+
+def build_vlm(
+    cfg: ModelConfig,
+    dtype: torch.dtype = torch.float32,
+    llm_context: ContextManager | None = None,
+):
+    """Build the VLM and tokenizer; trainability applied.
+
+    Returns:
+        (model, tokenizer, attn_implementation)
+    """
+    attn = resolve_attn_implementation(cfg.llm.attn_implementation)
+    tokenizer = load_tokenizer(cfg.llm)
+    torch.manual_seed(cfg.init_seed)
+    vision = build_vision_tower(cfg.vision, attn)
+    resampler = build_resampler(vision.out_dim, cfg.resampler)
+    with llm_context or contextlib.nullcontext():
+        llm = build_llm(cfg.llm, attn, dtype)
+    if len(tokenizer) > llm.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the LLM's vocabulary has {llm.vocab_size}: "
+            "model.llm.tokenizer does not belong to this LLM"
+        )
+    torch.manual_seed(cfg.init_seed + 1)
+    projector = build_projector(resampler.out_dim, llm.hidden_size, cfg.projector)
+    model = VisionLanguageModel(vision, resampler, projector, llm)
+    apply_trainability(model, cfg)
+    return model, tokenizer, attn

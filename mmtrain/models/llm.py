@@ -1,0 +1,97 @@
+"""Language-model wrappers: one interface for the VLM, whatever the LM's architecture.
+
+The VLM only needs `embed(input_ids)`, `forward(inputs_embeds, attention_mask, labels)`,
+`hidden_size` and `is_encoder_decoder`. Decoder-only causal LMs (Llama, Qwen2, OPT...) are
+`CausalLM`; an encoder-decoder wrapper (T5/BART: visual tokens into the encoder input, text out of
+the decoder) implements the same interface with `is_encoder_decoder = True`.
+
+Under ZeRO-3 the caller keeps a `HfDeepSpeedConfig` alive while this module is built, so
+`from_pretrained`/`from_config` construct the weights inside `deepspeed.zero.Init` (partitioned
+as they are created) with Hugging Face's initialisation intact.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmtrain.config.schema import LLMConfig
+
+
+class LanguageModel(nn.Module):
+    """Interface the VLM relies on."""
+
+    is_encoder_decoder: bool = False
+    hidden_size: int
+    vocab_size: int
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, inputs_embeds, attention_mask, labels=None):
+        raise NotImplementedError
+
+    def enable_gradient_checkpointing(self) -> None:
+        raise NotImplementedError
+
+
+class CausalLM(LanguageModel):
+    """A Hugging Face `AutoModelForCausalLM` fed with `inputs_embeds`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.hidden_size = model.config.hidden_size
+        self.vocab_size = model.config.vocab_size
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    def forward(self, inputs_embeds, attention_mask, labels=None):
+        return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+
+    def enable_gradient_checkpointing(self) -> None:
+        # Non-reentrant: works with a frozen LM whose inputs (the visual embeddings) need grads.
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def build_llm(cfg: LLMConfig, attn_implementation: str, dtype: torch.dtype = torch.float32) -> LanguageModel:
+    """Load the LM named by `cfg.name_or_path` (or build it randomly from `cfg.config`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if cfg.name_or_path and cfg.config:
+        raise ValueError("model.llm: set either `name_or_path` or `config`, not both")
+    if cfg.name_or_path:
+        config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+    elif cfg.config:
+        params = dict(cfg.config)
+        model_type = params.pop("model_type", None)
+        if model_type is None:
+            raise ValueError("model.llm.config needs a `model_type` (e.g. llama)")
+        config = AutoConfig.for_model(model_type, **params)
+    else:
+        raise ValueError("model.llm: set `name_or_path` (HF name or folder) or `config` (a dict)")
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"model.llm: {config.model_type} is an encoder-decoder LM; this version trains decoder-only "
+            "LMs (AutoModelForCausalLM). Use a causal LM such as Llama, Qwen2 or OPT."
+        )
+    kwargs = dict(attn_implementation=attn_implementation, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    if cfg.name_or_path:
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=config, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    return CausalLM(model)
+
+
+def load_tokenizer(cfg: LLMConfig):
+    """The LM's tokenizer (from `cfg.tokenizer`, else `cfg.name_or_path`), with a pad token set."""
+    from transformers import AutoTokenizer
+
+    source = cfg.tokenizer or cfg.name_or_path
+    if not source:
+        raise ValueError("model.llm.tokenizer: a tokenizer folder is needed when the LLM is built from a config")
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -1,0 +1,130 @@
+"""Vision towers: a registry of image encoders that turn pixels into a sequence of features.
+
+`hf` wraps any Hugging Face vision model (CLIP, SigLIP, ViT, DINOv2...) by name, local folder or
+config dict. Other families (e.g. MobileNetV2) register a builder under their own `kind`.
+Every tower exposes the same interface: `forward(pixel_values) -> [B, T, D]`, `out_dim`,
+`num_tokens`, `image_shape`, `image_transform(pil) -> tensor` and `blocks()` for top-k training.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from mmtrain.config.schema import VisionConfig
+
+VisionBuilder = Callable[[VisionConfig, str], "VisionTower"]
+VISION_TOWERS: dict[str, VisionBuilder] = {}
+
+
+def register_vision_tower(kind: str) -> Callable[[VisionBuilder], VisionBuilder]:
+    """Decorator: make `model.vision.kind: <kind>` build towers with the decorated function."""
+
+    def wrap(builder: VisionBuilder) -> VisionBuilder:
+        VISION_TOWERS[kind] = builder
+        return builder
+
+    return wrap
+
+
+def build_vision_tower(cfg: VisionConfig, attn_implementation: str) -> "VisionTower":
+    """Build the tower named by `cfg.kind`."""
+    if cfg.kind not in VISION_TOWERS:
+        raise ValueError(
+            f"model.vision.kind={cfg.kind!r} is not a known vision tower; choose one of: "
+            f"{', '.join(sorted(VISION_TOWERS))}"
+        )
+    return VISION_TOWERS[cfg.kind](cfg, attn_implementation)
+
+
+class VisionTower(nn.Module):
+    """Interface shared by all towers."""
+
+    out_dim: int
+    num_tokens: int
+    image_shape: tuple[int, int, int]
+
+    def image_transform(self, image) -> torch.Tensor:  # PIL.Image -> [C, H, W]
+        raise NotImplementedError
+
+    def blocks(self) -> list[nn.Module]:
+        """The tower's sequential blocks, bottom to top (for `trainable_top_k`)."""
+        raise NotImplementedError
+
+
+class HFVisionTower(VisionTower):
+    """Any Hugging Face vision encoder; features from one hidden state, CLS optionally dropped."""
+
+    def __init__(self, model: nn.Module, processor, feature_layer: int, drop_cls: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.processor = processor
+        self.feature_layer = feature_layer
+        config = model.config
+        size = getattr(config, "image_size", 224)
+        self.image_shape = (getattr(config, "num_channels", 3), size, size)
+        self.out_dim = config.hidden_size
+        patch = getattr(config, "patch_size", None)
+        self._num_patches = (size // patch) ** 2 if patch else None
+        self._drop_cls = drop_cls
+        with torch.no_grad():
+            probe = self._hidden(torch.zeros(1, *self.image_shape))
+        self._has_cls = self._num_patches is not None and probe.shape[1] == self._num_patches + 1
+        self.num_tokens = probe.shape[1] - (1 if (self._has_cls and drop_cls) else 0)
+
+    def _hidden(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixel_values, output_hidden_states=True)
+        return out.hidden_states[self.feature_layer]
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        feats = self._hidden(pixel_values)
+        if self._has_cls and self._drop_cls:
+            feats = feats[:, 1:]
+        return feats
+
+    def image_transform(self, image) -> torch.Tensor:
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def blocks(self) -> list[nn.Module]:
+        depth = getattr(self.model.config, "num_hidden_layers", None)
+        for module in self.model.modules():
+            if isinstance(module, nn.ModuleList) and len(module) == depth:
+                return list(module)
+        raise ValueError(f"cannot find the {depth} transformer blocks of {type(self.model).__name__}")
+
+
+def _default_processor(config):
+    """A CLIP-style processor sized for a tower built from a config (no processor files exist)."""
+    import transformers
+
+    cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    size = getattr(config, "image_size", 224)
+    return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+@register_vision_tower("hf")
+def build_hf_tower(cfg: VisionConfig, attn_implementation: str) -> HFVisionTower:
+    """Load (or build from `cfg.config`) a Hugging Face vision model and its image processor."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+    if cfg.name_or_path and cfg.config:
+        raise ValueError("model.vision: set either `name_or_path` or `config`, not both")
+    # Towers use SDPA: flash-attn's varlen kernels bring nothing at vision sequence lengths.
+    attn = "sdpa" if attn_implementation == "flash_attention_2" else attn_implementation
+    if cfg.name_or_path:
+        model = AutoModel.from_pretrained(cfg.name_or_path, attn_implementation=attn)
+        processor = AutoImageProcessor.from_pretrained(cfg.name_or_path)
+    elif cfg.config:
+        params = dict(cfg.config)
+        model_type = params.pop("model_type", None)
+        if model_type is None:
+            raise ValueError("model.vision.config needs a `model_type` (e.g. clip_vision_model)")
+        model = AutoModel.from_config(AutoConfig.for_model(model_type, **params), attn_implementation=attn)
+        processor = _default_processor(model.config)
+    else:
+        raise ValueError("model.vision: set `name_or_path` (HF name or folder) or `config` (a dict)")
+    if hasattr(model, "vision_model") and hasattr(model.config, "vision_config"):
+        model = model.vision_model  # a dual encoder (CLIP/SigLIP): keep the image side only
+    return HFVisionTower(model, processor, cfg.feature_layer, cfg.drop_cls)
