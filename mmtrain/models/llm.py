@@ -52,7 +52,11 @@ class CausalLM(LanguageModel):
 
     def enable_gradient_checkpointing(self) -> None:
         # Non-reentrant: works with a frozen LM whose inputs (the visual embeddings) need grads.
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def build_llm(cfg: LLMConfig, attn_implementation: str, dtype: torch.dtype = torch.float32) -> LanguageModel:

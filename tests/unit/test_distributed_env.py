@@ -1,0 +1,32 @@
+"""Rank/world discovery for the single-process, launcher and srun cases."""
+
+from __future__ import annotations
+
+from mmtrain.engine.distributed import setup_dist_env
+
+
+def test_single_process_without_launcher():
+    env = {}
+    d = setup_dist_env(env)
+    assert (d.rank, d.world_size, d.local_rank, d.launcher) == (0, 1, 0, "single-process")
+    assert env["MASTER_ADDR"] == "127.0.0.1" and int(env["MASTER_PORT"]) > 0
+
+
+def test_launcher_variables_are_kept():
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "9"}
+    d = setup_dist_env(env)
+    assert (d.rank, d.world_size, d.local_rank) == (3, 4, 1) and env["MASTER_ADDR"] == "h"
+
+
+def test_srun_step_variables_give_ranks():
+    env = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "1234",
+           "SLURM_STEP_NODELIST": "127.0.0.1"}
+    d = setup_dist_env(env)
+    assert (d.rank, d.world_size, d.local_rank, d.launcher) == (5, 8, 1, "srun")
+    assert env["RANK"] == "5" and env["WORLD_SIZE"] == "8" and env["MASTER_PORT"] == str(20000 + 1234)
+
+
+def test_batch_script_without_srun_is_single_process():
+    # Inside an sbatch script SLURM_PROCID/SLURM_NTASKS exist but no step: one process, not rank 0 of N.
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "7"}
+    assert setup_dist_env(env).world_size == 1
