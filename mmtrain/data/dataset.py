@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from mmtrain.data.errors import BadSampleError
 from mmtrain.data.images import ImageLoadError, load_image
 from mmtrain.data.manifest import Sample
 from mmtrain.data.templates import Encoded, PromptTemplate, TokenizerLike
+from mmtrain.utils.io import append_line
 
 logger = logging.getLogger(__name__)
 
@@ -168,13 +168,7 @@ class VLMDataset(Dataset[dict[str, Any]]):
         if self.skip_log is not None:
             record = {"manifest": str(error.manifest), "line": error.line, "reason": error.reason}
             self.skip_log.parent.mkdir(parents=True, exist_ok=True)
-            # A single unbuffered write to a file opened with O_APPEND keeps lines
-            # whole when several DataLoader workers log at the same time.
-            descriptor = os.open(self.skip_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                os.write(descriptor, (json.dumps(record) + "\n").encode("utf-8"))
-            finally:
-                os.close(descriptor)
+            append_line(self.skip_log, json.dumps(record))  # one O_APPEND write: safe across workers
         if self.skip_log is None or self.skipped <= _MAX_SKIP_WARNINGS:
             logger.warning("skipping bad sample %s:%d: %s", error.manifest, error.line, error.reason)
         if self.skip_log is not None and self.skipped == _MAX_SKIP_WARNINGS:

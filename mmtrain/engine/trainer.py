@@ -215,9 +215,10 @@ class Trainer:
         if step > last_saved:
             self.save(step)
         self._write_rank_report()
-        skipped = getattr(self.dataset, "skipped", 0)
-        if skipped:
-            log.warning("rank %d skipped %d bad samples; see %s", self.rank, skipped, self.output_dir / "skipped.jsonl")
+        skip_log = self.output_dir / "skipped.jsonl"
+        if self.is_main and skip_log.is_file():  # DataLoader workers count in their own processes: read the log
+            count = sum(1 for line in skip_log.read_text().splitlines() if line.strip())
+            log.warning("skipped %d bad samples (data.bad_samples=skip); see %s", count, skip_log)
         if self.is_main:
             log.info("done at step %d; checkpoints in %s", step, self.output_dir / "checkpoints")
         return record

@@ -18,6 +18,13 @@ from tests.conftest import REPO, launch, tiny_config, write_config
 pytestmark = pytest.mark.slow
 HARNESS = str(REPO / "tests" / "launch" / "train_and_dump.py")
 STAGES = {"zero2": "zero2.json", "zero3": "zero3.json", "zero3_offload": "zero3_offload.json"}
+# Each flavour also exercises one more engine feature: accumulation on ZeRO-2, non-reentrant
+# activation checkpointing through the frozen LLM on ZeRO-3.
+EXTRA = {"zero2": {"grad_accum_steps": 2}, "zero3": {"gradient_checkpointing": True}, "zero3_offload": {}}
+
+
+def stage_config(assets, output_dir, stage):
+    return tiny_config(assets, output_dir, deepspeed=str(REPO / "ds_configs" / STAGES[stage]), **EXTRA[stage])
 
 
 def metrics(run: Path) -> list[dict]:
@@ -28,7 +35,7 @@ def metrics(run: Path) -> list[dict]:
 def engine_run(request, tiny_assets, tmp_path_factory):
     """One 2-rank training run of 8 steps per ZeRO flavour, with the harness's dumps."""
     out = tmp_path_factory.mktemp(request.param)
-    cfg = tiny_config(tiny_assets, out / "run", deepspeed=str(REPO / "ds_configs" / STAGES[request.param]))
+    cfg = stage_config(tiny_assets, out / "run", request.param)
     path = write_config(cfg, out / "config.yaml")
     launch([HARNESS, str(path)], nprocs=2)
     return {"stage": request.param, "run": out / "run", "config": path, "assets": tiny_assets}
@@ -100,7 +107,7 @@ def test_trainable_checkpoint_loads_without_deepspeed(engine_run):
 
 
 def test_resume_matches_uninterrupted_run(engine_run, tmp_path):
-    cfg = tiny_config(engine_run["assets"], tmp_path / "run", deepspeed=str(REPO / "ds_configs" / STAGES[engine_run["stage"]]))
+    cfg = stage_config(engine_run["assets"], tmp_path / "run", engine_run["stage"])
     path = write_config(cfg, tmp_path / "config.yaml")
     launch(["-m", "mmtrain.train", str(path), "--set", "stop_after_steps=3"], nprocs=2)
     assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2, 3]

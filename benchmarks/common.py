@@ -1,0 +1,86 @@
+"""Shared set-up for the benchmarks: the real frozen LLM, images, and the run config they all use.
+
+The LLM is the real SmolLM2-135M-Instruct (prepared offline by `mmtrain.assets`). Until the
+real-image assets land, images are generated captioned pictures at the tower's resolution; step
+time does not depend on pixel content. The vision tower is a CLIP-style ViT built from a config
+(no pretrained ViT exists offline); it is frozen, so its weights do not change the work done.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def bench_config(workdir: Path, llm_dir: Path, ds_json: str = "zero2.json", max_steps: int = 20,
+                 micro_batch_size: int = 4) -> dict[str, Any]:
+    """The run config shared by every arm of a benchmark."""
+    from mmtrain.data.synthetic import make_caption_dataset
+
+    data = workdir / "data"
+    if not (data / "train.jsonl").is_file():
+        make_caption_dataset(data, num_images=128, image_size=64, seed=0)
+    return {
+        "deepspeed": str(REPO / "ds_configs" / ds_json),
+        "output_dir": str(workdir / "run"),
+        "max_steps": max_steps,
+        "micro_batch_size": micro_batch_size,
+        "precision": "fp32",
+        "progress_bar": False,
+        "seed": 0,
+        "model": {
+            "vision": {"config": {"model_type": "clip_vision_model", "hidden_size": 192, "intermediate_size": 768,
+                                  "num_hidden_layers": 4, "num_attention_heads": 3, "image_size": 64,
+                                  "patch_size": 8}},
+            "resampler": {"kind": "qformer", "num_queries": 16, "num_layers": 2, "hidden_size": 192, "num_heads": 4},
+            "projector": {"kind": "linear"},
+            "llm": {"name_or_path": str(llm_dir), "trainable": "frozen"},
+        },
+        "data": {"train": str(data / "train.jsonl"), "max_length": 64, "template": "plain"},
+        "optim": {"lr": 1e-4, "warmup_steps": 2, "weight_decay": 0.0},
+        "checkpoint": {"save_every": 0, "resume": "never"},
+    }
+
+
+def write_yaml(cfg: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def summarize(times: list[float], skip: int) -> dict[str, float]:
+    kept = times[skip:]
+    return {"median_s": statistics.median(kept), "mean_s": statistics.fmean(kept), "n": len(kept)}
+
+
+def environment() -> dict[str, Any]:
+    import os
+
+    import deepspeed
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def save_json(obj: Any, name: str) -> Path:
+    from mmtrain.utils.io import atomic_write_json
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    atomic_write_json(path, obj)
+    return path
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
