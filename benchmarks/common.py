@@ -58,7 +58,8 @@ def write_yaml(cfg: dict[str, Any], path: Path) -> Path:
 
 def summarize(times: list[float], skip: int) -> dict[str, float]:
     kept = times[skip:]
-    return {"median_s": statistics.median(kept), "mean_s": statistics.fmean(kept), "n": len(kept)}
+    return {"median_s": statistics.median(kept), "p25_s": statistics.quantiles(kept, n=4)[0],
+            "mean_s": statistics.fmean(kept), "n": len(kept)}
 
 
 def environment() -> dict[str, Any]:

@@ -95,7 +95,9 @@ class Trainer:
         self.samples_seen = 0
         self.tokens_seen = 0
         resume_from = resolve_resume(cfg.checkpoint.resume, self.output_dir)
-        if resume_from is not None:
+        if resume_from is None:
+            self.metrics.truncate_after(0)  # a fresh start: earlier records in this folder are void
+        else:
             state = load_checkpoint(self.engine, resume_from)
             self.start_step = int(state["global_step"])
             self.samples_seen = int(state.get("samples_seen", 0))

@@ -43,6 +43,7 @@ def main() -> None:
     trainer.fit()
     final = gather_all(trainer.model, rank)
     batch = trainer.collator([trainer.dataset[i] for i in range(4)])
+    batch.pop("labels")  # full logits
     trainer.engine.eval()
     with torch.no_grad():
         logits = trainer.engine(**batch).logits.float().contiguous()

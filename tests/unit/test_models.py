@@ -45,7 +45,7 @@ def batch(model, has_image=(True, True), length=10):
 
 def test_visual_embeddings_replace_marked_positions_only(vlm):
     seen = {}
-    vlm.llm.model.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    vlm.llm.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
     inputs = batch(vlm, (True, False))
     vlm(**inputs)
     embeds = seen["inputs_embeds"]
@@ -146,3 +146,19 @@ def test_attention_choice_on_cpu():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="flash-attn"):
             resolve_attn_implementation("flash_attention_2")
+
+
+def test_target_only_loss_equals_full_logits_loss(vlm):
+    inputs = batch(vlm, (True, False))
+    inputs["labels"][:, :3] = -100
+    assert vlm.llm.target_only_loss
+    fast = vlm(**inputs).loss
+    fast.backward()
+    fast_grad = vlm.projector.weight.grad.clone()
+    vlm.zero_grad()
+    vlm.llm.target_only_loss = False
+    full = vlm(**inputs)
+    assert full.logits.shape[-1] == vlm.llm.vocab_size
+    full.loss.backward()
+    torch.testing.assert_close(fast, full.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fast_grad, vlm.projector.weight.grad, rtol=1e-5, atol=1e-7)
