@@ -23,7 +23,7 @@ tiny-data: setup
 	$(PY) -m mmtrain.data.synthetic runs/tiny_data
 
 demo: tiny-data
-	$(PY) -m mmtrain.train configs/tiny.yaml
+	$(PY) -m mmtrain.train configs/tiny.yaml --set checkpoint.resume=never
 
 test: setup
 	$(PY) -m pytest -q -ra

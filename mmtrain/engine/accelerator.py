@@ -17,3 +17,23 @@ def configure_accelerator_env() -> None:
 
 def on_cpu() -> bool:
     return os.environ.get("DS_ACCELERATOR") == "cpu"
+
+
+def release_large_frees_to_os(threshold_bytes: int = 4 << 20) -> None:
+    """Serve allocations above `threshold_bytes` with mmap so their memory returns to the OS when freed.
+
+    On CPU, ZeRO-3 gathers and frees full parameters every step; glibc's default (a threshold that
+    grows with each freed block) keeps those blocks in the heap and the process's resident memory
+    climbs to the sum of everything ever gathered. A fixed threshold keeps it at what is live.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, threshold_bytes)
+        # Fixing the mmap threshold also freezes the trim threshold at 128 KiB, which makes the heap
+        # shrink and regrow every step (page faults in every kernel); keep up to 256 MiB instead.
+        libc.mallopt(m_trim_threshold, 256 << 20)
+    except (OSError, AttributeError):
+        pass

@@ -61,8 +61,30 @@ def local_parameter_report(model: nn.Module) -> dict[str, dict[str, int]]:
 
 
 def peak_memory() -> dict[str, float]:
-    """Peak resident memory of this process (and peak CUDA allocation when on a GPU), in MiB."""
+    """Memory of this process in MiB: peak and current RSS, current PSS, peak CUDA allocation.
+
+    RSS counts shared pages (e.g. a memory-mapped checkpoint read by every rank) in full in each
+    process; PSS splits them between the processes that share them, so it adds up across ranks.
+    """
     out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    _release_free_heap()
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("Rss", "Pss"):
+                out[f"{key.lower()}_mib"] = int(value.split()[0]) / 1024.0
+    except OSError:
+        pass
     if torch.cuda.is_available():
         out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+def _release_free_heap() -> None:
+    """Return freed heap pages to the OS (glibc keeps them otherwise), so RSS/PSS show live memory."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -25,7 +25,7 @@ import torch
 
 import mmtrain
 from mmtrain.config import RunConfig, dump_config, to_dict
-from mmtrain.engine.accelerator import on_cpu
+from mmtrain.engine.accelerator import on_cpu, release_large_frees_to_os
 from mmtrain.engine.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from mmtrain.engine.distributed import DistEnv, init_distributed
 from mmtrain.engine.ds_config import fill_ds_config, load_ds_json, zero_stage
@@ -59,6 +59,8 @@ class Trainer:
         import deepspeed
 
         self.cfg = cfg
+        if on_cpu():
+            release_large_frees_to_os()
         self.dist: DistEnv = init_distributed()
         self.rank, self.world_size = self.dist.rank, self.dist.world_size
         self.is_main = self.rank == 0
