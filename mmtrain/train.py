@@ -29,9 +29,17 @@ def main(argv: list[str] | None = None, prog: str = "python -m mmtrain.train") -
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from mmtrain.data import BadSampleError, ManifestError
+    from mmtrain.engine.ds_config import DeepSpeedConfigError
     from mmtrain.engine.trainer import Trainer
+    from mmtrain.models import IncompatibleCheckpointError
 
-    Trainer(cfg).fit()
+    try:
+        Trainer(cfg).fit()
+    except (BadSampleError, ManifestError, DeepSpeedConfigError, IncompatibleCheckpointError) as exc:
+        # The user's input is at fault: say what and where, without a traceback.
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -74,8 +74,9 @@ def test_bad_sample_error_names_manifest_line_and_reason(tiny_assets, tmp_path):
     path = write_config(cfg, tmp_path / "config.yaml")
     proc = subprocess.run([sys.executable, "-m", "mmtrain.train", str(path)], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
-    assert proc.returncode != 0
-    assert f"{manifest}:2:" in proc.stderr and "not found" in proc.stderr
+    assert proc.returncode == 2
+    assert f"error: {manifest}:2:" in proc.stderr and "not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
 
 
