@@ -135,6 +135,8 @@ class RunConfig:
     grad_clip: float = 1.0
     gradient_checkpointing: bool = False
     log_every: int = 1
+    eval_every: int = 0
+    """Validation loss on `data.val` every N steps (0 = only at the end; nothing without data.val)."""
     progress_bar: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

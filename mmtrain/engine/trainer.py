@@ -130,19 +130,21 @@ class Trainer:
         cfg = self.cfg
         if not cfg.data.train:
             raise ValueError("data.train: set the training manifest (a JSONL file)")
-        samples = read_manifest(cfg.data.train)
-        dataset = VLMDataset(
-            samples,
-            tokenizer=self.tokenizer,
-            image_transform=model.vision.image_transform,
-            image_shape=tuple(model.vision.image_shape),
-            template=get_template(cfg.data.template),
-            num_image_tokens=model.num_image_tokens,
-            max_length=cfg.data.max_length,
-            bad_samples=cfg.data.bad_samples,
-            skip_log=self.output_dir / "skipped.jsonl",
-        )
-        return dataset, Collator(self.tokenizer.pad_token_id)
+        def dataset_for(manifest: str) -> VLMDataset:
+            return VLMDataset(
+                read_manifest(manifest),
+                tokenizer=self.tokenizer,
+                image_transform=model.vision.image_transform,
+                image_shape=tuple(model.vision.image_shape),
+                template=get_template(cfg.data.template),
+                num_image_tokens=model.num_image_tokens,
+                max_length=cfg.data.max_length,
+                bad_samples=cfg.data.bad_samples,
+                skip_log=self.output_dir / "skipped.jsonl",
+            )
+
+        self.val_dataset = dataset_for(cfg.data.val) if cfg.data.val else None
+        return dataset_for(cfg.data.train), Collator(self.tokenizer.pad_token_id)
 
     def _loader(self, start_batch: int):
         from torch.utils.data import DataLoader
@@ -212,11 +214,15 @@ class Trainer:
                 self.metrics.log(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
             bar.update(1)
+            if self.val_dataset is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < end:
+                self.evaluate(step)
             if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step < end:
                 self.save(step)
                 last_saved = step
         bar.close()
         if step > last_saved:
+            if self.val_dataset is not None:
+                self.evaluate(step)
             self.save(step)
         self._write_rank_report()
         skip_log = self.output_dir / "skipped.jsonl"
@@ -225,6 +231,17 @@ class Trainer:
             log.warning("skipped %d bad samples (data.bad_samples=skip); see %s", count, skip_log)
         if self.is_main:
             log.info("done at step %d; checkpoints in %s", step, self.output_dir / "checkpoints")
+        return record
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        """Validation loss on data.val (collective), logged as its own metrics record."""
+        from mmtrain.engine.evaluate import validation_loss
+
+        result = validation_loss(self.engine, self.val_dataset, self.collator, self.cfg.micro_batch_size,
+                                 self.rank, self.world_size)
+        record = {"step": step, **result}
+        self.metrics.log(record)
+        log.info("step %d: val_loss %.4f  val_ppl %.2f", step, result["val_loss"], result["val_ppl"])
         return record
 
     def save(self, step: int) -> Path:

@@ -24,11 +24,14 @@ EXTRA = {"zero2": {"grad_accum_steps": 2}, "zero3": {"gradient_checkpointing": T
 
 
 def stage_config(assets, output_dir, stage):
-    return tiny_config(assets, output_dir, deepspeed=str(REPO / "ds_configs" / STAGES[stage]), **EXTRA[stage])
+    return tiny_config(assets, output_dir, deepspeed=str(REPO / "ds_configs" / STAGES[stage]), eval_every=4,
+                       **{"data.val": str(assets["val"])}, **EXTRA[stage])
 
 
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+def metrics(run: Path, kind: str = "loss") -> list[dict]:
+    """Training records (kind="loss") or validation records (kind="val_loss")."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if kind in r]
 
 
 @pytest.fixture(scope="module", params=list(STAGES))
@@ -121,3 +124,29 @@ def test_resume_matches_uninterrupted_run(engine_run, tmp_path):
     assert [m["loss"] for m in resumed] == [m["loss"] for m in straight]
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
     assert info["resumed_from"].endswith("step_00000003")
+
+
+def test_sharded_validation_equals_single_process(engine_run):
+    """2-rank validation loss at step 8 == the same loss computed in one process without DeepSpeed."""
+    from mmtrain.config import load_config
+    from mmtrain.data import Collator, VLMDataset, get_template, read_manifest
+    from mmtrain.models import build_vlm, load_trainable_weights
+
+    val = metrics(engine_run["run"], "val_loss")
+    assert [r["step"] for r in val] == [4, 8]
+    cfg = load_config(engine_run["config"])
+    model, tokenizer, _ = build_vlm(cfg.model)
+    load_trainable_weights(model, engine_run["run"] / "checkpoints" / "step_00000008")
+    model.eval()
+    dataset = VLMDataset(read_manifest(cfg.data.val), tokenizer, model.vision.image_transform,
+                         model.vision.image_shape, get_template("plain"), model.num_image_tokens, cfg.data.max_length)
+    collate = Collator(tokenizer.pad_token_id)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            batch = collate([dataset[i]])
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total += float(model(**batch).loss) * n
+            count += n
+    assert val[-1]["val_tokens"] == count  # every validation token counted exactly once across ranks
+    assert val[-1]["val_loss"] == pytest.approx(total / count, rel=1e-5)
