@@ -1,6 +1,6 @@
 """Shared set-up for the benchmarks: the real frozen LLM, images, and the run config they all use.
 
-The LLM is the real SmolLM2-135M-Instruct (prepared offline by `mmtrain.assets`). Until the
+The LLM is the real SmolLM2-135M-Instruct (prepared offline by `python -m mmtrain.assets`). Until the
 real-image assets land, images are generated captioned pictures at the tower's resolution; step
 time does not depend on pixel content. The vision tower is a CLIP-style ViT built from a config
 (no pretrained ViT exists offline); it is frozen, so its weights do not change the work done.

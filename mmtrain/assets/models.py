@@ -122,8 +122,3 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     config.save_pretrained(out)
     save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(out)
-
-
-if __name__ == "__main__":
-    for asset_name in sys.argv[1:] or sorted(ASSETS):
-        print(prepare(asset_name))
