@@ -30,7 +30,7 @@ def validation_loss(engine, dataset, collator, micro_batch_size: int, rank: int,
     import deepspeed.comm as dist
 
     share = rank_share(len(dataset), rank, world_size)
-    totals = torch.zeros(2, dtype=torch.float64)
+    totals = torch.zeros(2, dtype=torch.float64, device=engine.device)
     was_training = engine.module.training
     engine.eval()
     for start in range(0, len(share), micro_batch_size):
@@ -45,8 +45,10 @@ def validation_loss(engine, dataset, collator, micro_batch_size: int, rank: int,
         targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         loss = engine(**batch).loss
         if targets:
-            totals += torch.tensor([float(loss) * targets, targets], dtype=torch.float64)
+            totals[0] += loss.double() * targets
+            totals[1] += targets
     dist.all_reduce(totals)
+    totals = totals.cpu()
     if was_training:
         engine.train()
     mean = float(totals[0] / totals[1]) if totals[1] else float("nan")

@@ -178,22 +178,24 @@ class Trainer:
         step = self.start_step
         while step < end:
             t0 = time.perf_counter()
-            loss_sum = torch.zeros((), dtype=torch.float64)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             tokens = 0
             samples = 0
             for micro in range(gas):
                 batch = next(batches)
+                tokens += int(batch["attention_mask"].sum())  # counted on the host copy: no device sync
+                samples += int(batch["input_ids"].shape[0])
                 torch.manual_seed(step_seed(cfg.seed, step, micro, self.rank))
-                batch = {k: v.to(device) for k, v in batch.items()}
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 loss = self.engine(**batch).loss
                 self.engine.backward(loss)
                 self.engine.step()
-                loss_sum += loss.detach().double().cpu()
-                tokens += int(batch["attention_mask"].sum())
-                samples += int(batch["input_ids"].shape[0])
+                loss_sum += loss.detach().double()
             step += 1
-            totals = torch.tensor([float(loss_sum), float(tokens), float(samples)], dtype=torch.float64)
+            # One collective and one host sync per optimizer step; on the device (NCCL needs it there).
+            totals = torch.stack([loss_sum, loss_sum.new_tensor(float(tokens)), loss_sum.new_tensor(float(samples))])
             dist.all_reduce(totals)
+            totals = totals.cpu()
             step_time = time.perf_counter() - t0
             self.tokens_seen += int(totals[1])
             self.samples_seen += int(totals[2])
