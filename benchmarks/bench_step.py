@@ -50,15 +50,13 @@ def run_torch_loop(cfg_path: Path) -> list[float]:
     from torch.utils.data import DataLoader
 
     from mmtrain.config import load_config
-    from mmtrain.data import Collator, StepSampler, VLMDataset, get_template, read_manifest
+    from mmtrain.data import Collator, StepSampler, VLMDataset
     from mmtrain.engine.optim import build_param_groups, lr_factor
     from mmtrain.models import build_vlm
 
     cfg = load_config(cfg_path)
     model, tokenizer, _ = build_vlm(cfg.model)
-    dataset = VLMDataset(read_manifest(cfg.data.train), tokenizer, model.vision.image_transform,
-                         model.vision.image_shape, get_template(cfg.data.template), model.num_image_tokens,
-                         cfg.data.max_length)
+    dataset = VLMDataset.for_model(cfg.data.train, model, tokenizer, cfg.data)
     loader = DataLoader(dataset, batch_sampler=StepSampler(len(dataset), cfg.micro_batch_size, 0, 1, cfg.seed),
                         collate_fn=Collator(tokenizer.pad_token_id))
     optimizer = torch.optim.AdamW(build_param_groups(model, cfg.optim), betas=cfg.optim.betas, eps=cfg.optim.eps)
@@ -86,7 +84,7 @@ def run_hf_trainer(cfg_path: Path) -> list[float]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from mmtrain.config import load_config
-    from mmtrain.data import Collator, StepSampler, VLMDataset, get_template, read_manifest
+    from mmtrain.data import Collator, StepSampler, VLMDataset
     from mmtrain.engine.ds_config import load_ds_json
     from mmtrain.models import build_vlm
 
@@ -103,9 +101,7 @@ def run_hf_trainer(cfg_path: Path) -> list[float]:
     # The stack LLaVA users run computes the loss from full [B, T, vocab] logits (Hugging Face's
     # loss); mmtrain's target-only loss is part of what is being compared.
     model.llm.target_only_loss = False
-    dataset = VLMDataset(read_manifest(cfg.data.train), tokenizer, model.vision.image_transform,
-                         model.vision.image_shape, get_template(cfg.data.template), model.num_image_tokens,
-                         cfg.data.max_length)
+    dataset = VLMDataset.for_model(cfg.data.train, model, tokenizer, cfg.data)
     times: list[float] = []
 
     class StepTimer(TrainerCallback):

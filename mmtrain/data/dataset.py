@@ -94,6 +94,23 @@ class VLMDataset(Dataset[dict[str, Any]]):
         self.skipped = 0
         self._known_bad: set[int] = set()
 
+    @classmethod
+    def for_model(cls, manifest: str | Path, model: Any, tokenizer: TokenizerLike, data_cfg: Any,
+                  skip_log: Path | None = None) -> "VLMDataset":
+        """The dataset of `manifest` wired to a VLM's image transform and visual-token count.
+
+        Args:
+            model: a VisionLanguageModel (uses `vision.image_transform`, `vision.image_shape`,
+                `num_image_tokens`).
+            data_cfg: the run config's `data` section (template, max_length, bad_samples).
+        """
+        from mmtrain.data.manifest import read_manifest
+        from mmtrain.data.templates import get_template
+
+        return cls(read_manifest(manifest), tokenizer, model.vision.image_transform, tuple(model.vision.image_shape),
+                   get_template(data_cfg.template), model.num_image_tokens, data_cfg.max_length,
+                   bad_samples=data_cfg.bad_samples, skip_log=skip_log)
+
     def __len__(self) -> int:
         return len(self.samples)
 

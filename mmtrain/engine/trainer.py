@@ -125,23 +125,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def _build_data(self, model):
-        from mmtrain.data import Collator, VLMDataset, get_template, read_manifest
+        from mmtrain.data import Collator, VLMDataset
 
         cfg = self.cfg
         if not cfg.data.train:
             raise ValueError("data.train: set the training manifest (a JSONL file)")
         def dataset_for(manifest: str) -> VLMDataset:
-            return VLMDataset(
-                read_manifest(manifest),
-                tokenizer=self.tokenizer,
-                image_transform=model.vision.image_transform,
-                image_shape=tuple(model.vision.image_shape),
-                template=get_template(cfg.data.template),
-                num_image_tokens=model.num_image_tokens,
-                max_length=cfg.data.max_length,
-                bad_samples=cfg.data.bad_samples,
-                skip_log=self.output_dir / "skipped.jsonl",
-            )
+            return VLMDataset.for_model(manifest, model, self.tokenizer, cfg.data, self.output_dir / "skipped.jsonl")
 
         self.val_dataset = dataset_for(cfg.data.val) if cfg.data.val else None
         return dataset_for(cfg.data.train), Collator(self.tokenizer.pad_token_id)

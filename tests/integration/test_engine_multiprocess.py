@@ -85,7 +85,7 @@ def test_each_rank_holds_its_partition_of_the_llm(engine_run):
 
 def test_trainable_checkpoint_loads_without_deepspeed(engine_run):
     from mmtrain.config import load_config
-    from mmtrain.data import Collator, VLMDataset, get_template, read_manifest
+    from mmtrain.data import Collator, VLMDataset
     from mmtrain.models import build_vlm, load_trainable_weights
 
     run = engine_run["run"]
@@ -100,8 +100,7 @@ def test_trainable_checkpoint_loads_without_deepspeed(engine_run):
     model, tokenizer, _ = build_vlm(cfg.model)
     load_trainable_weights(model, ckpt)
     model.eval()
-    dataset = VLMDataset(read_manifest(cfg.data.train), tokenizer, model.vision.image_transform,
-                         model.vision.image_shape, get_template("plain"), model.num_image_tokens, cfg.data.max_length)
+    dataset = VLMDataset.for_model(cfg.data.train, model, tokenizer, cfg.data)
     batch = Collator(tokenizer.pad_token_id)([dataset[i] for i in range(4)])
     batch.pop("labels")
     with torch.no_grad():
@@ -129,7 +128,7 @@ def test_resume_matches_uninterrupted_run(engine_run, tmp_path):
 def test_sharded_validation_equals_single_process(engine_run):
     """2-rank validation loss at step 8 == the same loss computed in one process without DeepSpeed."""
     from mmtrain.config import load_config
-    from mmtrain.data import Collator, VLMDataset, get_template, read_manifest
+    from mmtrain.data import Collator, VLMDataset
     from mmtrain.models import build_vlm, load_trainable_weights
 
     val = metrics(engine_run["run"], "val_loss")
@@ -138,8 +137,7 @@ def test_sharded_validation_equals_single_process(engine_run):
     model, tokenizer, _ = build_vlm(cfg.model)
     load_trainable_weights(model, engine_run["run"] / "checkpoints" / "step_00000008")
     model.eval()
-    dataset = VLMDataset(read_manifest(cfg.data.val), tokenizer, model.vision.image_transform,
-                         model.vision.image_shape, get_template("plain"), model.num_image_tokens, cfg.data.max_length)
+    dataset = VLMDataset.for_model(cfg.data.val, model, tokenizer, cfg.data)
     collate = Collator(tokenizer.pad_token_id)
     total, count = 0.0, 0
     with torch.no_grad():
