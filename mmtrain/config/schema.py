@@ -117,6 +117,25 @@ class CheckpointConfig:
 
 
 @dataclass
+class InitSource:
+    """Weights loaded into the model before training, e.g. a component inherited from an earlier stage.
+
+    Loaded after the model is built and before the engine wraps it (and again before a resume
+    restores the trainable part), so inherited modules that stay frozen are never lost.
+    """
+
+    path: str
+    """A checkpoint folder (its `trainable.safetensors`) or a `.safetensors` file."""
+    modules: list[str] = field(default_factory=list)
+    """Only tensors whose names start with one of these prefixes (`resampler`, `projector`,
+    `vision.model.encoder`...); empty = every tensor in the file."""
+    rename: dict[str, str] = field(default_factory=dict)
+    """Prefix renames applied to the file's names before matching, e.g. `{resampler.: vpg.}`."""
+    strict: bool = True
+    """Fail when a selected tensor has no parameter of the same name and shape in the model."""
+
+
+@dataclass
 class RunConfig:
     """Everything one training run needs. Public keys map one to one onto YAML keys."""
 
@@ -142,3 +161,5 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    init: list[InitSource] = field(default_factory=list)
+    """Weights to start from, applied in order (later sources win)."""

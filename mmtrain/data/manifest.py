@@ -6,7 +6,9 @@ two shapes:
 * caption: ``{"image": "path", "text": "..."}``
 * instruction: ``{"image": "path" | null, "conversations": [{"from": "human", "value": "..."}, ...]}``
 
-Both may also carry ``"id"`` (any value) and ``"category"`` (a string). Image
+Both may also carry ``"id"`` (any value) and ``"category"`` (a string). A
+multiple-choice question also carries ``"options"`` (two or more distinct strings)
+and ``"answer"`` (the index of the right option), which evaluation scores. Image
 paths are relative to the manifest's folder unless absolute. Images are not
 opened here; that happens when a sample is loaded.
 """
@@ -21,7 +23,7 @@ from typing import Any, NoReturn
 
 from mmtrain.data.errors import ManifestError
 
-ALLOWED_KEYS: tuple[str, ...] = ("category", "conversations", "id", "image", "text")
+ALLOWED_KEYS: tuple[str, ...] = ("answer", "category", "conversations", "id", "image", "options", "text")
 TURN_KEYS: tuple[str, ...] = ("from", "value")
 HUMAN = "human"
 GPT = "gpt"
@@ -41,6 +43,9 @@ class Sample:
         conversations: ``(role, value)`` turns of an instruction record, role
             being ``"human"`` or ``"gpt"``.
         category: Optional free-form category of the sample.
+        options: The choices of a multiple-choice question, else None.
+        answer: Index into ``options`` of the right choice, else None.
+        id: The record's ``"id"``, else None.
     """
 
     manifest: Path
@@ -49,6 +54,9 @@ class Sample:
     text: str | None
     conversations: tuple[tuple[str, str], ...] | None
     category: str | None
+    options: tuple[str, ...] | None = None
+    answer: int | None = None
+    id: Any = None
 
     @property
     def has_image(self) -> bool:
@@ -168,9 +176,26 @@ def parse_record(raw: str, manifest: Path, line: int) -> Sample:
     if category is not None and not isinstance(category, str):
         fail(f'"category" must be a string, got {_json_type(category)}')
 
-    return Sample(
-        manifest=manifest, line=line, image=image, text=text, conversations=conversations, category=category
-    )
+    options, answer = _parse_choices(record, fail)
+    return Sample(manifest=manifest, line=line, image=image, text=text, conversations=conversations,
+                  category=category, options=options, answer=answer, id=record.get("id"))
+
+
+def _parse_choices(record: dict[str, Any], fail: Callable[[str], NoReturn]) -> tuple[tuple[str, ...] | None, int | None]:
+    """Validates the optional ``options``/``answer`` pair of a multiple-choice record."""
+    has_options, has_answer = "options" in record, "answer" in record
+    if not has_options and not has_answer:
+        return None, None
+    if has_options != has_answer:
+        fail('"options" and "answer" go together: a multiple-choice record needs both')
+    options, answer = record["options"], record["answer"]
+    if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) and o.strip() for o in options):
+        fail('"options" must be a list of at least two non-empty strings')
+    if len(set(options)) != len(options):
+        fail('"options" has duplicates; every choice must be distinct')
+    if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(options):
+        fail(f'"answer" must be the index (0 to {len(options) - 1}) of the right option, got {json.dumps(answer)}')
+    return tuple(options), answer
 
 
 def scan_manifest(path: str | Path) -> Iterator[Sample | ManifestError]:

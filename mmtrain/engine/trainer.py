@@ -31,7 +31,7 @@ from mmtrain.engine.distributed import DistEnv, init_distributed
 from mmtrain.engine.ds_config import fill_ds_config, load_ds_json, zero_stage
 from mmtrain.engine.metrics import MetricsLog, local_parameter_report, peak_memory
 from mmtrain.engine.optim import build_param_groups, lr_factor, scheduler_factory
-from mmtrain.models import build_vlm, format_parameter_table, parameter_table
+from mmtrain.models import build_vlm, format_parameter_table, load_init_weights, parameter_table
 from mmtrain.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("mmtrain")
@@ -81,6 +81,9 @@ class Trainer:
         if cfg.gradient_checkpointing:
             model.llm.enable_gradient_checkpointing()
             model.keep_llm_in_train_mode = True
+        for source in cfg.init:
+            names = load_init_weights(model, source)
+            log.info("init: %d tensors from %s", len(names), source.path)
         self.param_rows = parameter_table(model)
         table = format_parameter_table(self.param_rows)
         log.info("parameters:\n%s", table)

@@ -38,6 +38,10 @@ class LanguageModel(nn.Module):
     def enable_gradient_checkpointing(self) -> None:
         raise NotImplementedError
 
+    def generate(self, inputs_embeds, attention_mask, max_new_tokens, eos_token_id, pad_token_id, synced_ranks=False):
+        """Greedy decoding from left-padded prompt embeddings; returns the new token ids."""
+        raise NotImplementedError
+
 
 # Architectures whose logits are exactly `lm_head(final hidden state)` (no soft-capping or scaling),
 # for which the loss can be computed on the target positions only.
@@ -75,6 +79,34 @@ class CausalLM(LanguageModel):
         else:
             loss = F.cross_entropy(logits, targets[keep])
         return CausalLMOutputWithPast(loss=loss, logits=None)
+
+    def target_logprobs(self, inputs_embeds, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sample: the summed log-probability of its target tokens, and how many there are ([B], [B]).
+
+        The LM head runs on target positions only, as in the training loss.
+        """
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        sums = torch.zeros(labels.shape[0], dtype=torch.float64, device=labels.device)
+        if self.target_only_loss:
+            hidden = self.model.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                              use_cache=False).last_hidden_state
+            logits = self.model.get_output_embeddings()(hidden[:, :-1][keep]).float()
+        else:  # architectures with logit soft-capping or scaling: the model's own logits
+            out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
+            logits = out.logits[:, :-1][keep].float()
+        if logits.shape[0]:
+            picked = torch.log_softmax(logits, dim=-1).gather(1, targets[keep].unsqueeze(1)).squeeze(1)
+            rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(targets)[keep]
+            sums.index_add_(0, rows, picked.double())
+        return sums, keep.sum(dim=1)
+
+    def generate(self, inputs_embeds, attention_mask, max_new_tokens, eos_token_id, pad_token_id, synced_ranks=False):
+        # From embeddings, Hugging Face's generate returns only the new tokens.
+        return self.model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, do_sample=False,
+                                   max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                   pad_token_id=pad_token_id, synced_gpus=synced_ranks, num_beams=1,
+                                   temperature=None, top_p=None, top_k=None)
 
     def enable_gradient_checkpointing(self) -> None:
         # Non-reentrant: works with a frozen LM whose inputs (the visual embeddings) need grads.

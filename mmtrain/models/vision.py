@@ -128,3 +128,7 @@ def build_hf_tower(cfg: VisionConfig, attn_implementation: str) -> HFVisionTower
     if hasattr(model, "vision_model") and hasattr(model.config, "vision_config"):
         model = model.vision_model  # a dual encoder (CLIP/SigLIP): keep the image side only
     return HFVisionTower(model, processor, cfg.feature_layer, cfg.drop_cls)
+
+
+# Other tower families register themselves on import; keep this last (they import this module).
+from mmtrain.models import mobilenet_v2 as _mobilenet_v2  # noqa: E402,F401

@@ -57,17 +57,14 @@ class VisionLanguageModel(nn.Module):
                 x = module(x)
         return x
 
-    def forward(
+    def embed_inputs(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
         pixel_values: torch.Tensor,
         has_image: torch.Tensor,
         image_mask: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        **_: object,
-    ):
-        """Returns the LLM's output (`.loss` when labels are given, `.logits`)."""
+    ) -> torch.Tensor:
+        """Token embeddings [B, T, D] with the visual embeddings written where `image_mask` is set."""
         param = next(self.vision.parameters())
         visual = self.encode_images(pixel_values.to(param.dtype))
         embeds = self.llm.embed(input_ids)
@@ -85,4 +82,46 @@ class VisionLanguageModel(nn.Module):
             # Text-only samples: keep the visual branch in the graph with zero weight, so every rank
             # gathers and reduces the same parameters (the ZeRO-3 hang on text-only batches).
             embeds = embeds + visual[~has_image].sum() * 0.0
+        return embeds
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        has_image: torch.Tensor,
+        image_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        **_: object,
+    ):
+        """Returns the LLM's output (`.loss` when labels are given, `.logits`)."""
+        embeds = self.embed_inputs(input_ids, pixel_values, has_image, image_mask)
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
+
+    @torch.no_grad()
+    def target_logprobs(self, input_ids, attention_mask, pixel_values, has_image, image_mask, labels, **_: object):
+        """Per sample: summed log-probability of the target tokens and their count ([B], [B])."""
+        embeds = self.embed_inputs(input_ids, pixel_values, has_image, image_mask)
+        return self.llm.target_logprobs(embeds, attention_mask, labels)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        has_image: torch.Tensor,
+        image_mask: torch.Tensor,
+        max_new_tokens: int,
+        eos_token_id: int | list[int],
+        pad_token_id: int,
+        synced_ranks: bool = False,
+    ) -> torch.Tensor:
+        """Greedy continuation of LEFT-padded prompts; returns the new token ids [B, <= max_new_tokens].
+
+        Args:
+            synced_ranks: ZeRO-3 with several ranks: keep stepping until every rank is done, since
+                each forward gathers parameters collectively.
+        """
+        embeds = self.embed_inputs(input_ids, pixel_values, has_image, image_mask)
+        return self.llm.generate(embeds, attention_mask, max_new_tokens, eos_token_id, pad_token_id, synced_ranks)

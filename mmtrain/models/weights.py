@@ -6,6 +6,7 @@ name and shape against the model and says which are unknown, missing or mis-shap
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -56,3 +57,66 @@ def load_trainable_weights(model: nn.Module, path: str | Path, strict: bool = Tr
         for name, tensor in tensors.items():
             params[name].copy_(tensor.to(params[name].dtype))
     return sorted(tensors)
+
+
+def _trainable_file(path: Path) -> Path:
+    return path / TRAINABLE_FILE if path.is_dir() else path
+
+
+def load_init_weights(model: nn.Module, source) -> list[str]:
+    """Copy the tensors selected by one `init` source (an `InitSource`) into `model`.
+
+    Works on plain modules and on ZeRO-3 partitioned ones (each partitioned parameter is gathered,
+    written and re-partitioned). Returns the model parameter names written.
+
+    Raises:
+        FileNotFoundError: no weights file at `source.path`.
+        IncompatibleCheckpointError: a selected tensor has no same-named, same-shaped parameter (strict),
+            or nothing at all was selected.
+    """
+    from safetensors.torch import load_file
+
+    path = _trainable_file(Path(source.path))
+    if not path.is_file():
+        raise FileNotFoundError(f"init: no weights file at {path} (expected a checkpoint folder holding "
+                                f"{TRAINABLE_FILE}, or a .safetensors file)")
+    tensors = load_file(str(path))
+    selected: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        for old, new in source.rename.items():
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
+        if not source.modules or any(name == m or name.startswith(m.rstrip(".") + ".") for m in source.modules):
+            selected[name] = tensor
+    if not selected:
+        raise IncompatibleCheckpointError(
+            f"init: {path} has no tensors under {', '.join(source.modules)} (it holds: "
+            f"{', '.join(sorted({n.split('.')[0] for n in tensors}))})")
+    params = dict(model.named_parameters())
+    problems: dict[str, str] = {}
+    for name, tensor in selected.items():
+        param = params.get(name)
+        shape = tuple(getattr(param, "ds_shape", param.shape)) if param is not None else None
+        if param is None:
+            problems[name] = "not a parameter of the model"
+        elif shape != tuple(tensor.shape):
+            problems[name] = f"file {tuple(tensor.shape)} vs model {shape}"
+    if problems and source.strict:
+        listed = "; ".join(f"{n}: {why}" for n, why in list(problems.items())[:8])
+        more = f"; and {len(problems) - 8} more" if len(problems) > 8 else ""
+        raise IncompatibleCheckpointError(
+            f"init: {path} does not fit this model ({listed}{more}); check init.modules/rename and that the "
+            "model section matches the one the weights were trained with")
+    loaded = [n for n in selected if n not in problems]
+    partitioned = [params[n] for n in loaded if hasattr(params[n], "ds_id")]
+    if partitioned:  # ZeRO-3: gather, write on every rank (same values), re-partition on exit
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)
+    else:
+        gather = contextlib.nullcontext()
+    with gather, torch.no_grad():
+        for name in loaded:
+            params[name].copy_(selected[name].to(params[name].dtype))
+    return loaded

@@ -88,8 +88,24 @@ def test_schema_problems_name_file_and_line(tmp_path: Path, record: object, expe
 
 def test_unknown_key_lists_allowed_keys(tmp_path: Path) -> None:
     manifest = _write(tmp_path / "m.jsonl", [{"image": "a.png", "text": "t", "url": "x"}])
-    with pytest.raises(ManifestError, match=r'"category", "conversations", "id", "image", "text"'):
+    with pytest.raises(ManifestError, match=r'"answer", "category", "conversations", "id", "image", "options", "text"'):
         read_manifest(manifest)
+
+
+def test_multiple_choice_records(tmp_path: Path) -> None:
+    turns = [{"from": "human", "value": "<image>\nWhich?"}, {"from": "gpt", "value": "B"}]
+    good = {"image": "a.png", "conversations": turns, "options": ["cat", "dog"], "answer": 1, "id": "q1"}
+    sample = read_manifest(_write(tmp_path / "ok.jsonl", [good]))[0]
+    assert (sample.options, sample.answer, sample.id) == (("cat", "dog"), 1, "q1")
+    broken = {
+        "out of range": ({**good, "answer": 2}, r"\"answer\" must be the index \(0 to 1\)"),
+        "duplicates": ({**good, "options": ["cat", "cat"]}, "duplicates"),
+        "alone": ({k: v for k, v in good.items() if k != "answer"}, '"options" and "answer" go together'),
+        "one option": ({**good, "options": ["cat"], "answer": 0}, "at least two"),
+    }
+    for name, (record, expected) in broken.items():
+        with pytest.raises(ManifestError, match=expected):
+            read_manifest(_write(tmp_path / f"{name}.jsonl", [record]))
 
 
 def test_non_utf8_line_is_a_manifest_error(tmp_path: Path) -> None:

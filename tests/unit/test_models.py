@@ -162,3 +162,31 @@ def test_target_only_loss_equals_full_logits_loss(vlm):
     full.loss.backward()
     torch.testing.assert_close(fast, full.loss, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fast_grad, vlm.projector.weight.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_init_weights_select_modules_rename_and_fail_clearly(vlm, tiny_assets, tmp_path):
+    from mmtrain.config.schema import InitSource
+    from mmtrain.models import load_init_weights
+
+    state = {n: p.detach().clone() + 1 for n, p in vlm.named_parameters() if p.requires_grad}
+    save_file(state, str(tmp_path / "trainable.safetensors"))
+    fresh, _, _ = build_vlm(model_config(tiny_assets["tokenizer"]))
+    before = fresh.resampler.queries.detach().clone()
+    loaded = load_init_weights(fresh, InitSource(path=str(tmp_path), modules=["projector"]))
+    assert sorted(loaded) == ["projector.bias", "projector.weight"]
+    torch.testing.assert_close(fresh.projector.weight, state["projector.weight"])
+    torch.testing.assert_close(fresh.resampler.queries, before)  # not selected: untouched
+    # A file whose names differ (e.g. weights of another architecture's VPG) maps through `rename`.
+    save_file({"vpg.queries": state["resampler.queries"]}, str(tmp_path / "renamed.safetensors"))
+    load_init_weights(fresh, InitSource(path=str(tmp_path / "renamed.safetensors"), rename={"vpg.": "resampler."}))
+    torch.testing.assert_close(fresh.resampler.queries, state["resampler.queries"])
+    with pytest.raises(IncompatibleCheckpointError, match="vpg.queries: not a parameter of the model"):
+        load_init_weights(fresh, InitSource(path=str(tmp_path / "renamed.safetensors")))
+    save_file({"projector.weight": torch.zeros(3, 3)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(IncompatibleCheckpointError, match=r"projector.weight: file \(3, 3\) vs model"):
+        load_init_weights(fresh, InitSource(path=str(tmp_path / "bad.safetensors")))
+    assert load_init_weights(fresh, InitSource(path=str(tmp_path / "bad.safetensors"), strict=False)) == []
+    with pytest.raises(IncompatibleCheckpointError, match="no tensors under llm"):
+        load_init_weights(fresh, InitSource(path=str(tmp_path), modules=["llm"]))
+    with pytest.raises(FileNotFoundError, match="init: no weights file"):
+        load_init_weights(fresh, InitSource(path=str(tmp_path / "nowhere")))

@@ -1,0 +1,79 @@
+"""`mmtrain eval RUN_OR_CHECKPOINT --data MANIFEST [...]`: evaluate a trained model, write JSON.
+
+Runs in one process, or sharded over ranks under a launcher
+(`deepspeed --num_gpus 2 --module mmtrain eval RUN --data M --deepspeed ds_configs/zero3.json`).
+Results go to `RUN/eval/<name>.json` (or `--out`), and a short table to the terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import mmtrain.engine  # noqa: F401  (selects DeepSpeed's accelerator before deepspeed is imported)
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Evaluate a trained VLM on a manifest.")
+    parser.add_argument("target", metavar="RUN_OR_CHECKPOINT",
+                        help="a run folder (its latest checkpoint) or OUTPUT_DIR/checkpoints/step_XXXXXXXX")
+    parser.add_argument("--data", required=True, help="JSONL manifest to evaluate on (or asset:NAME/file.jsonl)")
+    parser.add_argument("--name", help="results name (default: the manifest's file name without .jsonl)")
+    parser.add_argument("--out", help="results JSON (default: RUN/eval/<name>.json)")
+    parser.add_argument("--max-samples", type=int, help="only the first N samples")
+    parser.add_argument("--generate", type=int, help="generate for at most N images/questions (default: all)")
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--no-ablations", action="store_true", help="skip the no-image and mismatched-image losses")
+    parser.add_argument("--text", help="plain-text file for the text-only perplexity check")
+    parser.add_argument("--text-max-tokens", type=int, default=4096)
+    parser.add_argument("--show", type=int, default=5, help="print N generated examples next to their references")
+    parser.add_argument("--deepspeed", help="DeepSpeed JSON for the model's placement (default: the run's)")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override keys of the run's config (e.g. data.max_length=256)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "mmtrain eval") -> int:
+    args = build_parser(prog).parse_args(argv)
+    from mmtrain.assets.common import AssetError
+    from mmtrain.config import ConfigError
+    from mmtrain.data import BadSampleError, ManifestError
+    from mmtrain.engine.ds_config import DeepSpeedConfigError
+    from mmtrain.eval.loading import EvalTargetError, load_for_eval
+    from mmtrain.eval.runner import EvalOptions, evaluate_manifest, format_results
+    from mmtrain.models import IncompatibleCheckpointError
+    from mmtrain.utils.io import atomic_write_json
+
+    options = EvalOptions(max_samples=args.max_samples, generate=args.generate, max_new_tokens=args.max_new_tokens,
+                          batch_size=args.batch_size, ablations=not args.no_ablations, text=args.text,
+                          text_max_tokens=args.text_max_tokens)
+    try:
+        from mmtrain.assets.registry import resolve_asset_reference
+
+        args.data = resolve_asset_reference(args.data, "--data")
+        args.text = resolve_asset_reference(args.text, "--text") if args.text else None
+        options.text = args.text
+        if args.text and not Path(args.text).is_file():
+            raise FileNotFoundError(f"--text {args.text}: no such file")
+        em = load_for_eval(args.target, args.deepspeed, args.overrides)
+        result = evaluate_manifest(em, args.data, options)
+    except (EvalTargetError, ConfigError, AssetError, BadSampleError, ManifestError, DeepSpeedConfigError,
+            IncompatibleCheckpointError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = {"run": str(em.run_dir), "checkpoint": str(em.checkpoint), "step": em.step,
+              "world_size": em.world_size, "zero3": em.zero3, **result}
+    if em.rank == 0:
+        name = args.name or Path(args.data).name.removesuffix(".jsonl")
+        out = Path(args.out) if args.out else em.run_dir / "eval" / f"{name}.json"
+        atomic_write_json(out, result)
+        print(format_results(result, args.show))
+        print(f"results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
