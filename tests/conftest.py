@@ -24,6 +24,15 @@ TINY_VISION = dict(model_type="clip_vision_model", hidden_size=32, intermediate_
                    num_attention_heads=4, image_size=32, patch_size=8)
 
 
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """In-process runs set RANK/MASTER_PORT...; keep them from leaking into later tests' subprocesses."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

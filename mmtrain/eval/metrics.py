@@ -10,6 +10,7 @@ NumPy or a model; every function is deterministic.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import unicodedata
 from collections import Counter
@@ -302,12 +303,22 @@ def caption_tokens(text: str) -> list[str]:
     punctuation tokens (``COCO_PUNCTUATION``). Tokens are finally split on whitespace, as the CIDEr
     and BLEU scorers split the joined caption.
 
+    Each caption is tokenised on its own. The toolkit runs all captions of a batch through Java as
+    one file, so there a caption ending in a one-letter abbreviation ("vitamin C.") followed by one
+    starting with a capitalised function word ("A ...", "The ...") loses that period; here it keeps
+    it. Characters added to Unicode after 2014 may also be treated differently.
+
     Args:
         text: One caption; newlines count as spaces.
 
     Returns:
         The tokens, e.g. ``"It's a dog's toy-box!"`` -> ``["it", "'s", "a", "dog", "'s", "toy-box"]``.
+
+    Raises:
+        TypeError: `text` is not a string.
     """
+    if not isinstance(text, str):
+        raise TypeError(f"caption_tokens expects a string, got {type(text).__name__}")
     lowered = (tok.lower() for tok in _ptb_tokens(text))
     return " ".join(tok for tok in lowered if tok not in COCO_PUNCTUATION).split()
 
@@ -365,9 +376,10 @@ def cider_d(candidates: Mapping[Hashable, str], references: Mapping[Hashable, Se
     items whose references contain the n-gram (document frequencies come from the references of
     the evaluated set only). The score of an item is the mean over n, and over its references, of
     the clipped cosine ``sum(min(c, r) * r) / (|c| * |r|)`` multiplied by the length penalty
-    ``exp(-delta**2 / (2 * sigma**2))``, times 10. As in the toolkit, ``delta`` is the difference in
-    bigram counts (one less than the word counts for non-empty captions). With a single item,
-    ``log(N) = 0`` makes every weight zero and the score 0, as in the toolkit.
+    ``exp(-delta**2 / (2 * sigma**2))``, times 10. ``delta`` is the difference in length; the toolkit
+    counts bigrams, as done here, which only differs from counting words for empty captions (whose
+    similarity is 0 anyway). With a single item ``log(N) = 0`` makes every weight zero and the
+    score 0, as in the toolkit.
 
     Args:
         candidates: One generated caption per item (e.g. per image path).
@@ -516,7 +528,12 @@ def normalize_answer(text: str) -> str:
 
     Returns:
         The normalised answer, e.g. ``"The Dog's toy-box!"`` -> ``"dogs toy box"``.
+
+    Raises:
+        TypeError: `text` is not a string.
     """
+    if not isinstance(text, str):
+        raise TypeError(f"normalize_answer expects a string, got {type(text).__name__}")
     text = text.lower()
     text = re.sub(r"(?<=\d),(?=\d)", "", text)
     text = re.sub("['\u2019\u2018`]", "", text)
@@ -555,7 +572,8 @@ def multiple_choice_accuracy(option_scores: Sequence[Sequence[float]], answers: 
     """Fraction of questions whose highest-scoring option is the correct one.
 
     The chosen option is the argmax of the question's scores; on a tie the first (lowest-index)
-    of the tied options is chosen, so ties never count in a model's favour by accident of order.
+    of the tied options is chosen (so a model scoring all options equally is right exactly on the
+    questions whose answer is option 0).
 
     Args:
         option_scores: For each question, one score per option (e.g. log-probabilities).
@@ -570,7 +588,7 @@ def multiple_choice_accuracy(option_scores: Sequence[Sequence[float]], answers: 
     """
     if len(option_scores) != len(answers):
         raise ValueError(f"option_scores has {len(option_scores)} questions but answers has {len(answers)}")
-    if not answers:
+    if len(answers) == 0:
         raise ValueError("no questions to score: option_scores and answers are empty")
     correct = 0
     for question, (scores, answer) in enumerate(zip(option_scores, answers)):
@@ -578,10 +596,10 @@ def multiple_choice_accuracy(option_scores: Sequence[Sequence[float]], answers: 
             raise ValueError(f"question {question} has no option scores")
         if any(math.isnan(score) for score in scores):
             raise ValueError(f"question {question} has a NaN option score: {list(scores)}")
-        if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(scores):
+        if isinstance(answer, bool) or not isinstance(answer, numbers.Integral) or not 0 <= answer < len(scores):
             raise ValueError(f"question {question}: answer {answer!r} is not an option index in "
                              f"0..{len(scores) - 1}")
-        chosen = max(range(len(scores)), key=lambda option: (scores[option], -option))
+        chosen = max(range(len(scores)), key=lambda option: (float(scores[option]), -option))
         correct += chosen == answer
     return correct / len(answers)
 

@@ -1,4 +1,4 @@
-"""`mmtrain run RECIPE.yaml [--stage NAME] [--set KEY=VALUE ...] [--restart-from NAME] [--plan]`.
+"""`mmtrain run RECIPE.yaml [--stage NAME] [--set KEY=VALUE ...] [--restart-from NAME] [--output-dir DIR] [--plan]`.
 
 Runs a recipe's stages in order in one run folder, skipping completed stages and resuming an
 interrupted one. Exit codes: 0 done; 1 a stage failed (the message names it and its folder);
@@ -31,6 +31,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                         help="override run-config keys of every stage, or of one stage with STAGE.KEY=VALUE")
     parser.add_argument("--restart-from", metavar="NAME",
                         help="move this stage's folder and all later ones aside, then rerun them")
+    parser.add_argument("--output-dir", metavar="DIR", help="run in DIR instead of the recipe's output_dir")
     parser.add_argument("--plan", action="store_true", help="print the stages, their folders and state; run nothing")
     return parser
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None, prog: str = "mmtrain run") -> int:
         print(f"error: --restart-from does not combine with {'--plan' if args.plan else '--stage'}", file=sys.stderr)
         return 2
     try:
-        pipeline = load_recipe(args.recipe, args.overrides)
+        pipeline = load_recipe(args.recipe, args.overrides, args.output_dir)
         for name in (args.stage, args.restart_from):
             if name is not None:
                 pipeline.stage(name)

@@ -153,13 +153,14 @@ class Pipeline:
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
+def load_recipe(path: str | Path, overrides: list[str] | None = None, output_dir: str | Path | None = None) -> Pipeline:
     """Read a recipe and resolve every stage's run config.
 
     Args:
         path: the recipe YAML.
         overrides: `KEY=VALUE` assignments (values parsed as YAML) applied to every stage, or to one
             stage when KEY starts with a stage name (`align.max_steps=5`).
+        output_dir: run the pipeline in this folder instead of the recipe's `output_dir`.
 
     Raises:
         ConfigError: the message starts with the recipe file and names the key and what to do.
@@ -189,7 +190,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     _check_unique_names(path, names)
     cli_global, cli_per_stage = _split_overrides(path, overrides or [], names)
 
-    output_dir = Path(spec.output_dir)
+    output_dir = Path(output_dir if output_dir is not None else spec.output_dir)
     defaults = _read_base(path, spec.defaults, "defaults") if spec.defaults is not None else ({}, str(path))
     stages: list[Stage] = []
     for index, stage_spec in enumerate(stage_specs, start=1):

@@ -32,9 +32,9 @@ def trained_run(tiny_assets, tmp_path_factory):
         lines.append({"image": image, "text": rec["text"]})
         lines.append({"image": image, "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
                                                         {"from": "gpt", "value": rec["text"]}]})
-        options = [records[(i + k) % len(records)]["text"] for k in range(3)]
+        options = [rec["text"], "no.", "yes."]
         lines.append({"image": image, "options": options, "answer": 0, "conversations": [
-            {"from": "human", "value": "<image>\nWhich?\nA. x\nB. y\nC. z"}, {"from": "gpt", "value": "A"}]})
+            {"from": "human", "value": "<image>\nWhich?"}, {"from": "gpt", "value": "A"}]})
     manifest = out / "mixed.jsonl"
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return {"run": out / "run", "manifest": manifest, "assets": tiny_assets}
