@@ -6,6 +6,7 @@ matches and the valid keys; a wrong type or an invalid choice fails naming the k
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -55,7 +56,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         key, sep, value = assignment.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set optim.lr=1e-3")
-        _assign_dotted(raw, key.strip(), yaml.safe_load(value) if value != "" else None)
+        assign_dotted(raw, key.strip(), yaml.safe_load(value) if value != "" else None)
     config = from_dict(RunConfig, raw, source=source)
     resolve_asset_references(config, source)
     return config
@@ -84,7 +85,9 @@ def resolve_asset_references(config: Any, source: str = "config", prefix: str = 
         setattr(config, f.name, resolve(getattr(config, f.name), f"{prefix}{f.name}"))
 
 
-def _assign_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def assign_dotted(tree: dict[str, Any], dotted: str, value: Any, merge: bool = False) -> None:
+    """Set `a.b.c` in a nested mapping (creating levels); with `merge`, a mapping value merges into
+    an existing mapping instead of replacing it."""
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
@@ -93,7 +96,12 @@ def _assign_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
             child = {}
             node[part] = child
         node = child
-    node[parts[-1]] = value
+    leaf = parts[-1]
+    if merge and isinstance(value, dict) and isinstance(node.get(leaf), dict):
+        for key, item in value.items():
+            assign_dotted(node[leaf], str(key), item, merge=True)
+    else:
+        node[leaf] = copy.deepcopy(value) if merge else value
 
 
 def from_dict(cls: type[T], raw: dict[str, Any], source: str = "config", prefix: str = "") -> T:

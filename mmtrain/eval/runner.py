@@ -145,7 +145,11 @@ def format_results(result: dict[str, Any], show: int = 0) -> str:
     mc = result.get("multiple_choice")
     if mc:
         lines.append(f"  {'mc_by_option_text':18s} {mc['accuracy_by_option_text']:10.4f}   (chance {mc['chance']:.3f})")
-    examples = (result.get("captions") or result.get("qa") or {}).get("examples", [])[:show]
+    examples = (result.get("captions") or result.get("qa") or {}).get("examples", [])
+    if show and examples:  # spread over the set: manifests are often grouped by category
+        examples = [examples[i * len(examples) // min(show, len(examples))] for i in range(min(show, len(examples)))]
+    else:
+        examples = []
     for example in examples:
         name = Path(example["image"]).name if example.get("image") else example.get("id")
         truth = example.get("references", [example.get("answer")])

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-from mmtrain.config.loader import ConfigError, from_dict, to_dict
+from mmtrain.config.loader import ConfigError, assign_dotted, from_dict, to_dict
 from mmtrain.config.schema import InitSource, RunConfig
 
 STAGE_CONFIG_FILE = "stage_config.yaml"
@@ -300,7 +300,7 @@ def _resolve_config(recipe: Path, where: str, base: dict[str, Any], base_source:
     for assignment in cli_overrides:
         key, _, value = assignment.partition("=")
         _refuse_pipeline_key(key.strip(), f"--set {assignment}")
-        _assign(raw, key.strip().split("."), yaml.safe_load(value) if value != "" else None, merge=False)
+        assign_dotted(raw, key.strip(), yaml.safe_load(value) if value != "" else None)
     config = _build_run_config(raw, f"--set (stage {where.split('.', 1)[1]})" if cli_overrides else base_source)
     config.output_dir = str(folder)
     config.checkpoint.resume = "auto"
@@ -323,22 +323,7 @@ def _refuse_pipeline_key(key: str, where: str) -> None:
 def apply_overrides(tree: dict[str, Any], overrides: dict[str, Any]) -> None:
     """Apply a stage's `set` onto a raw run config: dotted keys address nested keys; mappings merge."""
     for key, value in overrides.items():
-        _assign(tree, str(key).split("."), value, merge=True)
-
-
-def _assign(tree: dict[str, Any], parts: list[str], value: Any, merge: bool) -> None:
-    node = tree
-    for part in parts[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {}
-            node[part] = child
-        node = child
-    leaf = parts[-1]
-    if merge and isinstance(value, dict) and isinstance(node.get(leaf), dict):
-        apply_overrides(node[leaf], value)
-    else:
-        node[leaf] = copy.deepcopy(value)
+        assign_dotted(tree, str(key), value, merge=True)
 
 
 def _flat_keys(mapping: dict[str, Any], prefix: str = "") -> list[str]:

@@ -186,8 +186,8 @@ def end_attempt(folder: Path, attempt: dict[str, Any], returncode: int | None, w
     append_line(folder / ATTEMPTS_FILE, json.dumps(record))
 
 
-def read_attempts(folder: Path) -> list[dict[str, Any]]:
-    path = folder / ATTEMPTS_FILE
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSONL file, skipping a line cut by a kill mid-write; [] when absent."""
     if not path.is_file():
         return []
     records = []
@@ -195,8 +195,12 @@ def read_attempts(folder: Path) -> list[dict[str, Any]]:
         try:
             records.append(json.loads(line))
         except ValueError:
-            continue  # a line cut by a kill mid-write
+            continue
     return records
+
+
+def read_attempts(folder: Path) -> list[dict[str, Any]]:
+    return _read_jsonl(folder / ATTEMPTS_FILE)
 
 
 def close_dangling_attempts(folder: Path) -> None:
@@ -265,16 +269,7 @@ def stage_record(stage: Stage, status: str, message: str | None = None) -> dict[
 
 
 def _read_metrics(folder: Path) -> list[dict[str, Any]]:
-    path = folder / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
+    return _read_jsonl(folder / "metrics.jsonl")
 
 
 def headline(result: Any) -> dict[str, float]:

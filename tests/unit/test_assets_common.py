@@ -112,3 +112,15 @@ def test_asset_references_in_configs(wheelhouse, tmp_path, monkeypatch):
         load_config(config, ["data.val=asset:nope/x"])
     with pytest.raises(ConfigError, match=r"does not exist in the prepared asset"):
         load_config(config, ["data.val=asset:fake-data/missing.jsonl"])
+
+
+def test_assets_cli_lists_and_rejects_unknown_names(wheelhouse, capsys):
+    from mmtrain.assets.cli import main
+
+    assert main(["list"]) == 0
+    listed = capsys.readouterr().out
+    for name in ("tuxpaint", "kgeography", "emoji", "mnist", "mcqa", "smollm2-135m", "qwen2.5-coder-0.5b",
+                 "qwen2.5-coder-1.5b", "mobilenetv2"):
+        assert name in listed
+    assert main(["prepare", "tuxpaint", "no-such-asset"]) == 2
+    assert "unknown asset(s) no-such-asset" in capsys.readouterr().err
