@@ -8,7 +8,7 @@ import time
 
 
 def main(argv: list[str] | None = None, prog: str = "mmtrain assets") -> int:
-    from mmtrain.assets.common import AssetError, asset_dir, cache_dir, is_complete
+    from mmtrain.assets.common import AssetError, cache_dir, is_complete
     from mmtrain.assets.registry import all_assets, prepare
 
     parser = argparse.ArgumentParser(prog=prog, description="Offline real assets (weights and captioned images).")

@@ -175,6 +175,21 @@ def apt_install(packages: Iterable[str]) -> None:
         raise AssetError(f"step `{' '.join(install_cmd)}` failed:\n{proc.stderr.strip()[-2000:]}")
 
 
+def debian_package_version(package: str) -> str:
+    """The installed version of Debian `package` (`dpkg-query`), for the asset's info file.
+
+    Raises:
+        AssetError: The package is not installed or dpkg-query is missing.
+    """
+    try:
+        proc = subprocess.run(["dpkg-query", "-W", "-f=${Version}", package], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise AssetError(f"step `dpkg-query -W {package}` failed: dpkg-query is not available") from None
+    if proc.returncode != 0 or not proc.stdout.strip():
+        raise AssetError(f"step `dpkg-query -W {package}` failed (is the package installed?): {proc.stderr.strip()}")
+    return proc.stdout.strip()
+
+
 def _dpkg_installed(package: str) -> bool:
     proc = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True)
     return proc.returncode == 0 and proc.stdout.strip().endswith("installed")

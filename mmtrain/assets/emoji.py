@@ -21,9 +21,8 @@ from pathlib import Path
 import PIL
 from PIL import Image, ImageDraw, ImageFont, features
 
-from mmtrain.assets.common import Asset, AssetError, apt_install, write_jsonl
+from mmtrain.assets.common import Asset, AssetError, apt_install, debian_package_version, write_jsonl
 from mmtrain.assets.splits import DEFAULT_FRACTIONS, SPLITS, count_by, split_items, write_json
-from mmtrain.assets.tuxpaint import debian_package_version
 
 PACKAGE = "fonts-noto-color-emoji"
 FONT_FILE = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")

@@ -33,9 +33,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from mmtrain.assets.common import Asset, AssetError, apt_install, write_jsonl
+from mmtrain.assets.common import Asset, AssetError, apt_install, debian_package_version, write_jsonl
 from mmtrain.assets.splits import DEFAULT_FRACTIONS, SPLITS, count_by, split_items, write_json
-from mmtrain.assets.tuxpaint import debian_package_version
 
 PACKAGE = "kgeography-data"
 DATA_DIR = Path("/usr/share/kgeography")

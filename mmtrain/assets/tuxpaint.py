@@ -20,13 +20,12 @@ with `id` = the stamp's path under `stamps/` without its suffix) and `info.json`
 from __future__ import annotations
 
 import hashlib
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
-from mmtrain.assets.common import Asset, AssetError, apt_install, write_jsonl
+from mmtrain.assets.common import Asset, AssetError, apt_install, debian_package_version, write_jsonl
 from mmtrain.assets.splits import DEFAULT_FRACTIONS, SPLITS, count_by, split_items, write_json
 
 PACKAGE = "tuxpaint-stamps-default"
@@ -44,21 +43,6 @@ class Stamp:
     image: Path
     caption: str
     category: str
-
-
-def debian_package_version(package: str) -> str:
-    """The installed version of Debian `package` (`dpkg-query`), for the asset's info file.
-
-    Raises:
-        AssetError: The package is not installed or dpkg-query is missing.
-    """
-    try:
-        proc = subprocess.run(["dpkg-query", "-W", "-f=${Version}", package], capture_output=True, text=True)
-    except FileNotFoundError:
-        raise AssetError(f"step `dpkg-query -W {package}` failed: dpkg-query is not available") from None
-    if proc.returncode != 0 or not proc.stdout.strip():
-        raise AssetError(f"step `dpkg-query -W {package}` failed (is the package installed?): {proc.stderr.strip()}")
-    return proc.stdout.strip()
 
 
 def read_caption(text_file: Path) -> str:

@@ -39,19 +39,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     source = "defaults"
     if path is not None:
         source = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(loaded).__name__}")
-        raw = loaded
+        raw = read_yaml_mapping(path, "config file", "a mapping of keys")
     for assignment in overrides or []:
         key, sep, value = assignment.partition("=")
         if not sep or not key:
@@ -60,6 +48,28 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     config = from_dict(RunConfig, raw, source=source)
     resolve_asset_references(config, source)
     return config
+
+
+def read_yaml_mapping(path: str | Path, what: str, expected: str) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (an empty file is an empty mapping).
+
+    Raises:
+        ConfigError: unreadable file (naming `what`), invalid YAML, or a top level that is not
+            `expected` (named in the message).
+    """
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be {expected}, got {type(loaded).__name__}")
+    return loaded
 
 
 def resolve_asset_references(config: Any, source: str = "config", prefix: str = "") -> None:

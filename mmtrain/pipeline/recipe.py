@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-from mmtrain.config.loader import ConfigError, assign_dotted, from_dict, to_dict
+from mmtrain.config.loader import ConfigError, assign_dotted, from_dict, read_yaml_mapping, to_dict
 from mmtrain.config.schema import InitSource, RunConfig
 
 STAGE_CONFIG_FILE = "stage_config.yaml"
@@ -166,16 +166,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, output_dir
         ConfigError: the message starts with the recipe file and names the key and what to do.
     """
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read recipe {path}: {exc.strerror}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping with name, output_dir, defaults, launch, stages")
+    raw = read_yaml_mapping(path, "recipe", "a mapping with name, output_dir, defaults, launch, stages")
+    text = path.read_text()
     spec = from_dict(RecipeSpec, raw, source=str(path))
     for key in ("name", "output_dir"):
         if not getattr(spec, key):
@@ -275,17 +267,10 @@ def _read_base(recipe: Path, value: str | dict[str, Any], key: str) -> tuple[dic
     config_path = Path(value)
     if not config_path.is_absolute():
         config_path = recipe.parent / config_path
-    try:
-        loaded = yaml.safe_load(config_path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"{recipe}: {key}: cannot read {config_path} ({exc.strerror}); paths are relative "
-                          "to the recipe's folder") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{config_path}: not valid YAML: {exc}") from None
-    if loaded is None:
-        loaded = {}
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{config_path}: the top level must be a mapping of run-config keys")
+    if not config_path.is_file():
+        raise ConfigError(f"{recipe}: {key}: cannot read {config_path} (no such file); paths are relative "
+                          "to the recipe's folder")
+    loaded = read_yaml_mapping(config_path, "run config", "a mapping of run-config keys")
     _build_run_config(loaded, str(config_path))  # errors name the file the bad key is in
     return loaded, str(config_path)
 
