@@ -22,7 +22,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--name", help="results name (default: the manifest's file name without .jsonl)")
     parser.add_argument("--out", help="results JSON (default: RUN/eval/<name>.json)")
     parser.add_argument("--max-samples", type=int, help="only the first N samples")
-    parser.add_argument("--generate", type=int, help="generate for at most N images/questions (default: all)")
+    parser.add_argument("--generate", type=int, help="generate for at most N images/questions (default: all; 0: none)")
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--no-ablations", action="store_true", help="skip the no-image and mismatched-image losses")

@@ -30,7 +30,8 @@ class EvalOptions:
     max_samples: int | None = None
     """Evaluate the first N samples of the manifest (all when None)."""
     generate: int | None = None
-    """Generate for at most N items (distinct images for captions, questions for QA); None = all."""
+    """Generate for at most N items (distinct images for captions, questions for QA); None = all,
+    0 = no generation (no CIDEr or exact match)."""
     max_new_tokens: int = 24
     batch_size: int = 8
     ablations: bool = True
@@ -66,11 +67,11 @@ def evaluate_manifest(em: EvalModel, manifest: str | Path, opts: EvalOptions) ->
         headline.update(loss_no_image=no_image, loss_other_image=other_image)
 
     captions = [s for s in samples if s.text is not None]
-    if captions:
+    if captions and opts.generate != 0:
         result["captions"] = _caption_metrics(em, captions, opts)
         headline["cider"] = result["captions"]["cider"]
     questions = [s for s in samples if s.conversations is not None and s.options is None]
-    if questions:
+    if questions and opts.generate != 0:
         result["qa"] = _qa_metrics(em, questions, opts)
         headline["exact_match"] = result["qa"]["exact_match"]
     choices = [s for s in samples if s.options is not None]
@@ -129,10 +130,20 @@ def _choice_metrics(em: EvalModel, choices: list[Sample], opts: EvalOptions) -> 
             per_question[owner].append(logprob / max(count, 1) if kind == "text" else logprob)
         scores.extend(per_question)
     answers = [s.answer for s in choices]
-    letter_acc = metrics.multiple_choice_accuracy(by_letter, answers)
-    text_acc = metrics.multiple_choice_accuracy(by_text, answers)
-    chance = sum(1 / len(s.options) for s in choices) / len(choices)
-    return {"accuracy": letter_acc, "accuracy_by_option_text": text_acc, "chance": chance, "questions": len(choices)}
+    result = {"accuracy": metrics.multiple_choice_accuracy(by_letter, answers),
+              "accuracy_by_option_text": metrics.multiple_choice_accuracy(by_text, answers),
+              "chance": sum(1 / len(s.options) for s in choices) / len(choices), "questions": len(choices)}
+    categories = sorted({s.category for s in choices if s.category})
+    if len(categories) > 1:  # e.g. the question kinds of a mixed set
+        result["by_category"] = {}
+        for category in categories:
+            rows = [i for i, s in enumerate(choices) if s.category == category]
+            pick = [answers[i] for i in rows]
+            result["by_category"][category] = {
+                "questions": len(rows),
+                "accuracy": metrics.multiple_choice_accuracy([by_letter[i] for i in rows], pick),
+                "accuracy_by_option_text": metrics.multiple_choice_accuracy([by_text[i] for i in rows], pick)}
+    return result
 
 
 def format_results(result: dict[str, Any], show: int = 0) -> str:
@@ -145,6 +156,9 @@ def format_results(result: dict[str, Any], show: int = 0) -> str:
     mc = result.get("multiple_choice")
     if mc:
         lines.append(f"  {'mc_by_option_text':18s} {mc['accuracy_by_option_text']:10.4f}   (chance {mc['chance']:.3f})")
+        for category, row in mc.get("by_category", {}).items():
+            lines.append(f"    {category:16s} letter {row['accuracy']:.3f}  option text {row['accuracy_by_option_text']:.3f}"
+                         f"  ({row['questions']} questions)")
     examples = (result.get("captions") or result.get("qa") or {}).get("examples", [])
     if show and examples:  # spread over the set: manifests are often grouped by category
         examples = [examples[i * len(examples) // min(show, len(examples))] for i in range(min(show, len(examples)))]

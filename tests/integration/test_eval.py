@@ -33,7 +33,7 @@ def trained_run(tiny_assets, tmp_path_factory):
         lines.append({"image": image, "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
                                                         {"from": "gpt", "value": rec["text"]}]})
         options = [rec["text"], "no.", "yes."]
-        lines.append({"image": image, "options": options, "answer": 0, "conversations": [
+        lines.append({"image": image, "options": options, "answer": 0, "category": f"kind-{i % 2}", "conversations": [
             {"from": "human", "value": "<image>\nWhich?"}, {"from": "gpt", "value": "A"}]})
     manifest = out / "mixed.jsonl"
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -106,6 +106,8 @@ def test_eval_cli_writes_every_metric(trained_run, tmp_path):
     assert result["qa"]["questions"] == 6 and 0 <= result["qa"]["exact_match"] <= 1
     mc = result["multiple_choice"]
     assert mc["questions"] == 6 and mc["chance"] == pytest.approx(1 / 3)
+    assert {k: v["questions"] for k, v in mc["by_category"].items()} == {"kind-0": 3, "kind-1": 3}
+    assert mc["accuracy"] == pytest.approx(sum(v["accuracy"] for v in mc["by_category"].values()) / 2)
     assert result["text"]["tokens"] > 100 and result["headline"]["text_ppl"] > 1
     assert "cider" in result["stdout"] and "image helps" in result["stdout"]
 
