@@ -11,6 +11,7 @@ commands:
   train CONFIG.yaml [--set KEY=VALUE ...]   train a VLM (same as python -m mmtrain.train)
   run RECIPE.yaml [options]                 run a pipeline of stages (train + evaluate), resumable
   eval RUN_OR_CHECKPOINT --data MANIFEST    evaluate a trained model (loss, generation, CIDEr, QA accuracy)
+  transfer converter|merge|speedup ...      VPGTrans: word converter, projector merge, speed-up report
   assets list | prepare [NAME ...]          fetch, verify and cache the real offline assets
   data check MANIFEST [options]             validate a JSONL manifest before training
 """
@@ -36,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         from mmtrain.eval.cli import main as eval_main
 
         return eval_main(rest, prog="mmtrain eval")
+    if command == "transfer":
+        from mmtrain.transfer.cli import main as transfer_main
+
+        return transfer_main(rest, prog="mmtrain transfer")
     if command == "assets":
         from mmtrain.assets.cli import main as assets_main
 

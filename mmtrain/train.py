@@ -33,10 +33,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m mmtrain.train") -
     from mmtrain.engine.ds_config import DeepSpeedConfigError
     from mmtrain.engine.trainer import Trainer
     from mmtrain.models import IncompatibleCheckpointError
+    from mmtrain.transfer.converter import ConverterError
 
     try:
         Trainer(cfg).fit()
-    except (BadSampleError, ManifestError, DeepSpeedConfigError, IncompatibleCheckpointError, FileNotFoundError) as exc:
+    except (BadSampleError, ManifestError, DeepSpeedConfigError, IncompatibleCheckpointError, ConverterError,
+            FileNotFoundError) as exc:
         # The user's input is at fault: say what and where, without a traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 2

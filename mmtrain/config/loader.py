@@ -148,7 +148,7 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
             try:
                 return _coerce(arg, value, key, source)
             except ConfigError as exc:
-                errors.append(str(exc))
+                errors.append(exc)
         raise errors[0] if len(errors) == 1 else ConfigError(
             f"{source}: `{key}` = {value!r} does not fit {_describe(tp)}")
     if origin is Literal:

@@ -83,6 +83,10 @@ class DataConfig:
     train: str | None = None
     """Training manifest (JSONL); image paths are relative to it."""
     val: str | None = None
+    train_samples: int | None = None
+    """Train on a seeded random subset of this many samples of `data.train` (null = all of them)."""
+    val_samples: int | None = None
+    """Validate on a seeded random subset of this many samples of `data.val` (null = all of them)."""
     bad_samples: Literal["error", "skip"] = "error"
     template: Literal["plain", "chat", "chatml"] = "plain"
     max_length: int = 512
@@ -117,6 +121,31 @@ class CheckpointConfig:
 
 
 @dataclass
+class WordConverterConfig:
+    """VPGTrans's word converter: a linear map (with bias) from a source LLM's input-embedding space to
+    this run's LLM's, fitted over a text corpus with the loss 1 - cosine and plain SGD, then composed
+    with the inherited projector (W_t = W_w W_s, b_t = W_w b_s + b_w). Defaults are the official ones
+    (use 8 epochs across model families)."""
+
+    source_llm: str | None = None
+    """The LLM folder the inherited projector was trained for (in recipes: the inherited stage's LLM)."""
+    source_tokenizer: str | None = None
+    """Its tokenizer folder, if not `source_llm` (in recipes: the inherited stage's)."""
+    corpus: list[str] = field(default_factory=list)
+    """Manifests (.jsonl: captions and conversation turns) and/or text files (one text a line);
+    empty = the run's `data.train`."""
+    lr: float = 5.0
+    batch_size: int = 4096
+    """Texts per SGD step."""
+    epochs: int = 5
+    holdout: float = 0.05
+    """Fraction of the texts held out to report the fitted converter's cosine."""
+    seed: int = 0
+    path: str | None = None
+    """Use this already-fitted converter (`mmtrain transfer converter` output) instead of fitting one."""
+
+
+@dataclass
 class InitSource:
     """Weights loaded into the model before training, e.g. a component inherited from an earlier stage.
 
@@ -133,6 +162,9 @@ class InitSource:
     """Prefix renames applied to the file's names before matching, e.g. `{resampler.: vpg.}`."""
     strict: bool = True
     """Fail when a selected tensor has no parameter of the same name and shape in the model."""
+    word_converter: WordConverterConfig | None = None
+    """VPGTrans: the file's projector was trained for another LLM; map it into this run's LLM through a
+    word converter (fitted at the start of the run, or read from `word_converter.path`)."""
 
 
 @dataclass

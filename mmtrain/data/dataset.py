@@ -31,6 +31,17 @@ BAD_SAMPLE_POLICIES: tuple[str, ...] = ("error", "skip")
 _MAX_SKIP_WARNINGS = 20
 
 
+def random_subset(samples: list[Sample], size: int, seed: int, manifest: str | Path = "the manifest") -> list[Sample]:
+    """`size` samples drawn without replacement with `seed`, kept in manifest order."""
+    import random
+
+    if not 0 < size <= len(samples):
+        raise ValueError(f"a subset of {size} samples of {manifest} is impossible: it holds {len(samples)}; "
+                         "set data.train_samples / data.val_samples between 1 and that (or null for all)")
+    chosen = sorted(random.Random(seed).sample(range(len(samples)), size))
+    return [samples[i] for i in chosen]
+
+
 class VLMDataset(Dataset[dict[str, Any]]):
     """Image-text samples encoded with a prompt template.
 
@@ -96,18 +107,22 @@ class VLMDataset(Dataset[dict[str, Any]]):
 
     @classmethod
     def for_model(cls, manifest: str | Path, model: Any, tokenizer: TokenizerLike, data_cfg: Any,
-                  skip_log: Path | None = None) -> "VLMDataset":
+                  skip_log: Path | None = None, subset: int | None = None, seed: int = 0) -> "VLMDataset":
         """The dataset of `manifest` wired to a VLM's image transform and visual-token count.
 
         Args:
             model: a VisionLanguageModel (uses `vision.image_transform`, `vision.image_shape`,
                 `num_image_tokens`).
             data_cfg: the run config's `data` section (template, max_length, bad_samples).
+            subset: keep a seeded random subset of this many samples (in manifest order).
         """
         from mmtrain.data.manifest import read_manifest
         from mmtrain.data.templates import get_template
 
-        return cls(read_manifest(manifest), tokenizer, model.vision.image_transform, tuple(model.vision.image_shape),
+        samples = read_manifest(manifest)
+        if subset is not None:
+            samples = random_subset(samples, subset, seed, manifest)
+        return cls(samples, tokenizer, model.vision.image_transform, tuple(model.vision.image_shape),
                    get_template(data_cfg.template), model.num_image_tokens, data_cfg.max_length,
                    bad_samples=data_cfg.bad_samples, skip_log=skip_log)
 

@@ -59,6 +59,10 @@ class Trainer:
         import deepspeed
 
         self.cfg = cfg
+        self._started = time.perf_counter()
+        self._cpu_started = time.process_time()
+        self._eval_seconds = self._eval_cpu_seconds = 0.0
+        self._compute_before = self._cpu_before = 0.0  # earlier invocations' (a resumed run)
         if on_cpu():
             release_large_frees_to_os()
         self.dist: DistEnv = init_distributed()
@@ -82,7 +86,12 @@ class Trainer:
             model.llm.enable_gradient_checkpointing()
             model.keep_llm_in_train_mode = True
         for source in cfg.init:
-            names = load_init_weights(model, source)
+            if source.word_converter is not None:
+                from mmtrain.transfer.init import load_converted_init
+
+                names = load_converted_init(model, source, cfg, self.tokenizer, self.output_dir)
+            else:
+                names = load_init_weights(model, source)
             log.info("init: %d tensors from %s", len(names), source.path)
         self.param_rows = parameter_table(model)
         table = format_parameter_table(self.param_rows)
@@ -107,6 +116,8 @@ class Trainer:
             self.start_step = int(state["global_step"])
             self.samples_seen = int(state.get("samples_seen", 0))
             self.tokens_seen = int(state.get("tokens_seen", 0))
+            self._compute_before = float(state.get("compute_s", 0.0))
+            self._cpu_before = float(state.get("cpu_s", 0.0))
             self.metrics.truncate_after(self.start_step)
             log.info("resumed from %s at step %d", resume_from, self.start_step)
         if self.is_main:
@@ -133,11 +144,12 @@ class Trainer:
         cfg = self.cfg
         if not cfg.data.train:
             raise ValueError("data.train: set the training manifest (a JSONL file)")
-        def dataset_for(manifest: str) -> VLMDataset:
-            return VLMDataset.for_model(manifest, model, self.tokenizer, cfg.data, self.output_dir / "skipped.jsonl")
+        def dataset_for(manifest: str, subset: int | None) -> VLMDataset:
+            return VLMDataset.for_model(manifest, model, self.tokenizer, cfg.data, self.output_dir / "skipped.jsonl",
+                                        subset=subset, seed=cfg.seed)
 
-        self.val_dataset = dataset_for(cfg.data.val) if cfg.data.val else None
-        return dataset_for(cfg.data.train), Collator(self.tokenizer.pad_token_id)
+        self.val_dataset = dataset_for(cfg.data.val, cfg.data.val_samples) if cfg.data.val else None
+        return dataset_for(cfg.data.train, cfg.data.train_samples), Collator(self.tokenizer.pad_token_id)
 
     def _loader(self, start_batch: int):
         from torch.utils.data import DataLoader
@@ -174,6 +186,7 @@ class Trainer:
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             tokens = 0
             samples = 0
+            lrs_used = self._group_lrs() if (step + 1) % cfg.log_every == 0 or step + 1 == end else None
             for micro in range(gas):
                 batch = next(batches)
                 tokens += int(batch["attention_mask"].sum())  # counted on the host copy: no device sync
@@ -202,7 +215,10 @@ class Trainer:
                     "samples": self.samples_seen,
                     "tokens": self.tokens_seen,
                     "epoch": self.sampler.epoch_of(step * gas - 1),
+                    "compute_s": self.compute_seconds(),
+                    "cpu_s": self.cpu_seconds(),
                 }
+                record["lr_groups"] = lrs_used
                 grad_norm = self.engine.get_global_grad_norm()
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
@@ -228,19 +244,43 @@ class Trainer:
             log.info("done at step %d; checkpoints in %s", step, self.output_dir / "checkpoints")
         return record
 
+    def _group_lrs(self) -> dict[str, float]:
+        """The learning rate of each optimizer group now (i.e. for the next update), by group name."""
+        return {group.get("name", str(i)): float(group["lr"]) for i, group in enumerate(self.optimizer.param_groups)}
+
+    def compute_seconds(self) -> float:
+        """Wall seconds this run has spent on anything but validation (setup, training, saving), over every
+        invocation; times `world_size` it is the run's process-seconds (GPU-seconds on GPUs)."""
+        return self._compute_before + time.perf_counter() - self._started - self._eval_seconds
+
+    def cpu_seconds(self) -> float:
+        """CPU time (all threads) of this process on the same work as `compute_seconds`, over every
+        invocation: unlike wall time, it hardly grows when other jobs share the CPU."""
+        return self._cpu_before + time.process_time() - self._cpu_started - self._eval_cpu_seconds
+
     def evaluate(self, step: int) -> dict[str, Any]:
-        """Validation loss on data.val (collective), logged as its own metrics record."""
+        """Validation loss on data.val (collective), logged as its own metrics record.
+
+        The record also says where training stood: samples seen, epochs (samples / training-set
+        size) and compute seconds so far, so learning curves can be drawn against either.
+        """
         from mmtrain.engine.evaluate import validation_loss
 
+        started, cpu_started = time.perf_counter(), time.process_time()
         result = validation_loss(self.engine, self.val_dataset, self.collator, self.cfg.micro_batch_size,
                                  self.rank, self.world_size)
-        record = {"step": step, **result}
+        self._eval_seconds += time.perf_counter() - started
+        self._eval_cpu_seconds += time.process_time() - cpu_started
+        record = {"step": step, **result, "samples": self.samples_seen,
+                  "epoch": self.samples_seen / len(self.dataset), "compute_s": self.compute_seconds(),
+                  "cpu_s": self.cpu_seconds(), "world_size": self.world_size}
         self.metrics.log(record)
         log.info("step %d: val_loss %.4f  val_ppl %.2f", step, result["val_loss"], result["val_ppl"])
         return record
 
     def save(self, step: int) -> Path:
-        state = {"global_step": step, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen}
+        state = {"global_step": step, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
+                 "compute_s": self.compute_seconds(), "cpu_s": self.cpu_seconds()}
         path = save_checkpoint(self.engine, self.output_dir, step, state, self.cfg.checkpoint.keep_last)
         log.info("saved checkpoint %s", path)
         return path

@@ -60,7 +60,17 @@ def load_trainable_weights(model: nn.Module, path: str | Path, strict: bool = Tr
 
 
 def _trainable_file(path: Path) -> Path:
-    return path / TRAINABLE_FILE if path.is_dir() else path
+    """The weights file of an init path: a .safetensors file, a checkpoint folder, or a run folder (its
+    latest complete checkpoint)."""
+    if not path.is_dir():
+        return path
+    if not (path / TRAINABLE_FILE).is_file() and (path / "checkpoints").is_dir():
+        from mmtrain.engine.checkpoint import latest_checkpoint
+
+        latest = latest_checkpoint(path)
+        if latest is not None:
+            return latest / TRAINABLE_FILE
+    return path / TRAINABLE_FILE
 
 
 def load_init_weights(model: nn.Module, source) -> list[str]:
@@ -78,8 +88,8 @@ def load_init_weights(model: nn.Module, source) -> list[str]:
 
     path = _trainable_file(Path(source.path))
     if not path.is_file():
-        raise FileNotFoundError(f"init: no weights file at {path} (expected a checkpoint folder holding "
-                                f"{TRAINABLE_FILE}, or a .safetensors file)")
+        raise FileNotFoundError(f"init: no weights file at {path} (expected a .safetensors file, a checkpoint "
+                                f"folder holding {TRAINABLE_FILE}, or a run folder with a complete checkpoint)")
     tensors = load_file(str(path))
     selected: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():

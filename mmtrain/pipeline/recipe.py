@@ -23,7 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from mmtrain.config.loader import ConfigError, assign_dotted, from_dict, read_yaml_mapping, to_dict
-from mmtrain.config.schema import InitSource, RunConfig
+from mmtrain.config.schema import InitSource, RunConfig, WordConverterConfig
 
 STAGE_CONFIG_FILE = "stage_config.yaml"
 COMPONENTS = ("vision", "resampler", "projector", "llm")
@@ -60,6 +60,9 @@ class InheritSpec:
     """Parameter-name prefixes (`resampler`, `projector`, ...); empty = every tensor of its checkpoint."""
     rename: dict[str, str] = field(default_factory=dict)
     strict: bool = True
+    word_converter: WordConverterConfig | None = None
+    """VPGTrans: map the inherited projector into this stage's LLM through a word converter; its
+    `source_llm` defaults to the inherited stage's LLM."""
 
 
 @dataclass
@@ -322,7 +325,7 @@ def _flat_keys(mapping: dict[str, Any], prefix: str = "") -> list[str]:
 
 
 def _parse_inherit(path: Path, where: str, entry: Any) -> InheritSpec:
-    allowed = ("from", "modules", "rename", "strict")
+    allowed = ("from", "modules", "rename", "strict", "word_converter")
     if not isinstance(entry, dict):
         raise ConfigError(f"{path}: {where}: must be a mapping like {{from: STAGE, modules: [projector]}}, "
                           f"got {entry!r}")
@@ -371,8 +374,18 @@ def _inherited_init(path: Path, where: str, inherits: list[InheritSpec], earlier
                               f"{', '.join(by_name) or '(none: the first stage cannot inherit)'}")
         source = by_name[spec.stage]
         final = str(source.final_checkpoint)
+        converter = None
+        if spec.word_converter is not None:
+            converter = dataclasses.replace(spec.word_converter)
+            if converter.source_llm is None:
+                converter.source_llm = source.config.model.llm.name_or_path
+                converter.source_tokenizer = converter.source_tokenizer or source.config.model.llm.tokenizer
+            if "projector" not in trained_components(source.config):
+                raise ConfigError(f"{key}.word_converter: stage `{spec.stage}` does not train the projector, so "
+                                  "there is no source projector to convert; inherit from the stage that trained it")
         if not spec.modules:
-            sources.append(InitSource(path=final, modules=[], rename=dict(spec.rename), strict=spec.strict))
+            sources.append(InitSource(path=final, modules=[], rename=dict(spec.rename), strict=spec.strict,
+                                      word_converter=converter))
             continue
         trained = trained_components(source.config)
         from_checkpoint = [m for m in spec.modules if m.split(".")[0] not in COMPONENTS or m.split(".")[0] in trained]
@@ -394,7 +407,7 @@ def _inherited_init(path: Path, where: str, inherits: list[InheritSpec], earlier
                                           strict=spec.strict and carried_source.strict))
         if from_checkpoint:
             sources.append(InitSource(path=final, modules=from_checkpoint, rename=dict(spec.rename),
-                                      strict=spec.strict))
+                                      strict=spec.strict, word_converter=converter))
     requires = []
     for source in sources:
         name = stage_of_checkpoint.get(source.path)

@@ -322,7 +322,8 @@ def format_plan(pipeline: Pipeline) -> str:
                      f"{shlex.join(train_command(stage, port='PORT'))}")
         for spec in stage.inherit:
             modules = ", ".join(spec.modules) if spec.modules else "every trained tensor"
-            lines.append(f"    inherits: {modules} from {spec.stage}")
+            via = " (projector through a word converter)" if spec.word_converter is not None else ""
+            lines.append(f"    inherits: {modules} from {spec.stage}{via}")
         for spec in stage.evals:
             done = " (done)" if stage.eval_output(spec).is_file() else ""
             lines.append(f"    eval:     {spec.name}{done}: {shlex.join(eval_command(stage, spec, port='PORT'))}")

@@ -182,3 +182,15 @@ def test_error_keeps_its_type_across_worker_processes(tmp_path: Path, tok: Any) 
         pytest.fail("no BadSampleError")
     del batches
     assert f"{tmp_path / 'm.jsonl'}:2: image file not found" in message
+
+
+def test_random_subset_is_seeded_sized_and_in_manifest_order(tmp_path):
+    from mmtrain.data.dataset import random_subset
+
+    samples = list(range(100))
+    a = random_subset(samples, 10, seed=0)
+    assert a == random_subset(samples, 10, seed=0) and a == sorted(a) and len(set(a)) == 10
+    assert a != random_subset(samples, 10, seed=1)
+    assert random_subset(samples, 100, seed=3) == samples
+    with pytest.raises(ValueError, match="holds 100.*data.train_samples"):
+        random_subset(samples, 101, seed=0, manifest="train.jsonl")

@@ -190,3 +190,13 @@ def test_init_weights_select_modules_rename_and_fail_clearly(vlm, tiny_assets, t
         load_init_weights(fresh, InitSource(path=str(tmp_path), modules=["llm"]))
     with pytest.raises(FileNotFoundError, match="init: no weights file"):
         load_init_weights(fresh, InitSource(path=str(tmp_path / "nowhere")))
+    # A run folder means its latest complete checkpoint (an incomplete one, without meta.json, is ignored).
+    run = tmp_path / "run"
+    for step, shift in ((4, 2.0), (8, 3.0), (12, 4.0)):
+        folder = run / "checkpoints" / f"step_{step:08d}"
+        folder.mkdir(parents=True)
+        save_file({"projector.bias": state["projector.bias"] + shift}, str(folder / "trainable.safetensors"))
+        if step != 12:
+            (folder / "meta.json").write_text("{}")
+    load_init_weights(fresh, InitSource(path=str(run)))
+    torch.testing.assert_close(fresh.projector.bias, state["projector.bias"] + 3.0)

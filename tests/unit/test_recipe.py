@@ -104,6 +104,41 @@ def test_frozen_inherited_module_is_carried_from_the_stage_that_trained_it(tmp_p
     assert chat.requires == ["align", "finetune"]
 
 
+def test_word_converter_inherit_fills_the_source_llm_and_tokenizer(tmp_path):
+    stages = [
+        {"name": "source", "set": {"model.llm": {"name_or_path": "/models/small", "tokenizer": "/tok/small"}}},
+        {"name": "warmup", "inherit": [{"from": "source", "modules": ["resampler", "projector"],
+                                        "word_converter": {"epochs": 8, "batch_size": 64}}],
+         "set": {"model.llm.name_or_path": "/models/big", "model.resampler.trainable": "frozen"}},
+        {"name": "finetune", "inherit": [{"from": "warmup", "modules": ["resampler", "projector"]}]},
+    ]
+    pipeline = load_recipe(write_recipe(tmp_path, stages))
+    _, warmup, finetune = pipeline.stages
+    (source,) = warmup.config.init
+    assert source.modules == ["resampler", "projector"]
+    converter = source.word_converter
+    assert (converter.source_llm, converter.source_tokenizer) == ("/models/small", "/tok/small")
+    assert (converter.epochs, converter.batch_size, converter.lr) == (8, 64, 5.0)
+    # The frozen resampler is carried, unchanged, from where warmup got it (the source checkpoint);
+    # the projector comes from warmup's own checkpoint: neither goes through the converter again.
+    carried, trained = finetune.config.init
+    assert carried.modules == ["resampler"] and carried.word_converter is None
+    assert carried.path.endswith("01-source/checkpoints/step_00000010")
+    assert trained.path.endswith("02-warmup/checkpoints/step_00000010") and trained.word_converter is None
+    assert "projector through a word converter" in format_plan(pipeline)
+
+
+def test_word_converter_needs_a_trained_projector_and_valid_keys(tmp_path):
+    frozen = [{"name": "source", "set": {"model.projector.trainable": "frozen"}},
+              {"name": "warmup", "inherit": [{"from": "source", "modules": ["resampler"], "word_converter": {}}]}]
+    with pytest.raises(ConfigError, match="does not train the projector"):
+        load_recipe(write_recipe(tmp_path, frozen))
+    typo = [{"name": "source"},
+            {"name": "warmup", "inherit": [{"from": "source", "word_converter": {"epoch": 3}}]}]
+    with pytest.raises(ConfigError, match=r"word_converter\.epoch.*Did you mean.*epochs"):
+        load_recipe(write_recipe(tmp_path, typo))
+
+
 def test_frozen_module_that_nobody_trained_is_an_error(tmp_path):
     stages = [{"name": "a", "set": {"model.projector.trainable": "frozen"}},
               {"name": "b", "inherit": [{"from": "a", "modules": ["projector"]}]}]
