@@ -7,6 +7,7 @@ and reloaded through the same `from_pretrained` paths users take.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -110,7 +111,18 @@ def launch(args: list[str], nprocs: int, launcher: str = "deepspeed", timeout: i
     else:
         raise ValueError(launcher)
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    # Its own process group, so a timeout stops the ranks too (killing the launcher alone leaves
+    # them spinning in a collective, loading the machine for every later test).
+    with subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as popen:
+        try:
+            stdout, stderr = popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
+            stdout, stderr = popen.communicate()
+            raise AssertionError(f"{' '.join(cmd)} timed out after {timeout} s; its process group was killed:\n"
+                                 f"{stdout[-6000:]}\n{stderr[-6000:]}") from None
+    proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return proc

@@ -37,3 +37,15 @@ def release_large_frees_to_os(threshold_bytes: int = 4 << 20) -> None:
         libc.mallopt(m_trim_threshold, 256 << 20)
     except (OSError, AttributeError):
         pass
+
+
+def move_buffers(model, device) -> None:
+    """Move every buffer of `model` to `device` (parameters untouched).
+
+    Under ZeRO-3 DeepSpeed places the parameters itself and never moves the module, so buffers of
+    parts built outside `zero.Init` (the vision tower's `position_ids`, say) would stay on the CPU.
+    """
+    for module in model.modules():
+        for key, buffer in module._buffers.items():
+            if buffer is not None and buffer.device != device:
+                module._buffers[key] = buffer.to(device)

@@ -38,14 +38,13 @@ def zero_stage(ds: dict[str, Any]) -> int:
 
 
 def fill_ds_config(
-    ds: dict[str, Any], cfg: RunConfig, world_size: int, hidden_size: int, on_cpu: bool, source: str = "deepspeed"
+    ds: dict[str, Any], cfg: RunConfig, world_size: int, hidden_size: int, source: str = "deepspeed"
 ) -> dict[str, Any]:
     """Return a copy of `ds` with every `"auto"` resolved from `cfg`.
 
     Args:
         world_size: data-parallel ranks (for `train_batch_size`).
         hidden_size: the LLM's hidden size (ZeRO-3 bucket and persistence heuristics).
-        on_cpu: True when training on CPU (torch AdamW instead of the fused kernel).
     """
     ds = copy.deepcopy(ds)
     if "scheduler" in ds:
@@ -73,8 +72,11 @@ def fill_ds_config(
         _set_owned(ds, ("optimizer", "params", name), value, source)
     offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") not in ("none", None)
     if params.get("torch_adam", "auto") == "auto":
-        # DeepSpeedCPUAdam handles offload; on a CPU without offload torch's AdamW avoids a JIT op build.
-        params["torch_adam"] = bool(on_cpu and not offload)
+        # DeepSpeedCPUAdam handles offload. Otherwise torch's AdamW: the trainable part (VPG, adapters)
+        # is small, so a fused kernel gains nothing measurable, and no op is JIT-built at start-up (on
+        # GPUs FusedAdam's build needs nvcc, and DeepSpeed 0.19.8 fails to parse the 'sm_90a' entry of
+        # CUDA 13 torch wheels' arch list on Hopper).
+        params["torch_adam"] = not offload
     zero = ds.get("zero_optimization", {})
     heuristics = {
         "reduce_bucket_size": hidden_size * hidden_size,

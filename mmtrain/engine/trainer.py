@@ -25,7 +25,7 @@ import torch
 
 import mmtrain
 from mmtrain.config import RunConfig, dump_config, to_dict
-from mmtrain.engine.accelerator import on_cpu, release_large_frees_to_os
+from mmtrain.engine.accelerator import move_buffers, on_cpu, release_large_frees_to_os
 from mmtrain.engine.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from mmtrain.engine.distributed import DistEnv, init_distributed
 from mmtrain.engine.ds_config import fill_ds_config, load_ds_json, zero_stage
@@ -76,7 +76,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.output_dir / "config.yaml")
         ds_path = cfg.deepspeed
-        self.ds_config = fill_ds_config(load_ds_json(ds_path), cfg, self.world_size, _llm_hidden_size(cfg), on_cpu(),
+        self.ds_config = fill_ds_config(load_ds_json(ds_path), cfg, self.world_size, _llm_hidden_size(cfg),
                                         source=ds_path)
         self.zero_stage = zero_stage(self.ds_config)
 
@@ -98,6 +98,8 @@ class Trainer:
         log.info("parameters:\n%s", table)
 
         self.dataset, self.collator = self._build_data(model)
+        if not on_cpu():
+            move_buffers(model, torch.device("cuda", self.dist.local_rank))
         groups = build_param_groups(model, cfg.optim)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=groups, config=self.ds_config,

@@ -65,7 +65,7 @@ def load_for_eval(target: str | Path, deepspeed_json: str | None = None, overrid
     """Rebuild the run's model with its trained weights on this rank (see the module docstring)."""
     import json
 
-    from mmtrain.engine.accelerator import on_cpu, release_large_frees_to_os
+    from mmtrain.engine.accelerator import move_buffers, on_cpu, release_large_frees_to_os
     from mmtrain.engine.distributed import init_distributed
     from mmtrain.engine.ds_config import fill_ds_config, load_ds_json, zero_stage
     from mmtrain.engine.trainer import DTYPES, _llm_hidden_size
@@ -78,7 +78,7 @@ def load_for_eval(target: str | Path, deepspeed_json: str | None = None, overrid
     if on_cpu():
         release_large_frees_to_os()
     dist = init_distributed()
-    ds = fill_ds_config(load_ds_json(cfg.deepspeed), cfg, dist.world_size, _llm_hidden_size(cfg), on_cpu(),
+    ds = fill_ds_config(load_ds_json(cfg.deepspeed), cfg, dist.world_size, _llm_hidden_size(cfg),
                         source=cfg.deepspeed)
     ds.pop("optimizer", None)  # parameters only: nothing trains here
     zero3 = zero_stage(ds) == 3
@@ -96,11 +96,19 @@ def load_for_eval(target: str | Path, deepspeed_json: str | None = None, overrid
     model, tokenizer, _ = build_vlm(cfg.model, DTYPES[cfg.precision],
                                     partitioned_llm() if zero3 else contextlib.nullcontext())
     for source in cfg.init:
-        load_init_weights(model, source)
+        if source.word_converter is not None:  # VPGTrans: the converter fitted (and cached) by the run
+            from mmtrain.transfer.init import load_converted_init
+
+            load_converted_init(model, source, cfg, tokenizer, run)
+        else:
+            load_init_weights(model, source)
     load_init_weights(model, InitSource(path=str(checkpoint)))
     model.requires_grad_(False)
     if zero3:
         import deepspeed
+
+        if not on_cpu():
+            move_buffers(model, torch.device("cuda", dist.local_rank))
 
         engine, *_ = deepspeed.initialize(model=model, config=ds)
         keepalive.insert(0, engine)

@@ -49,7 +49,9 @@ def vpgtrans_run(tiny_assets, target_llm, tmp_path_factory) -> Path:
         {"name": "warmup", "inherit": [{"from": "source", "modules": ["resampler", "projector"],
                                         "word_converter": converter}],
          "set": {"max_steps": 8, "model.resampler.trainable": "frozen",
-                 "optim": {"schedule": "constant", "warmup_steps": 0, "lr_multipliers": {"projector": 5.0}}}},
+                 "optim": {"schedule": "constant", "warmup_steps": 0, "lr_multipliers": {"projector": 5.0}}},
+         # The evaluation rebuilds the model through the same converted init (reusing the stage's converter).
+         "evals": [{"name": "val", "data": str(tiny_assets["val"]), "generate": 0, "no_ablations": True}]},
         {"name": "finetune", "inherit": [{"from": "warmup", "modules": ["resampler", "projector"]}],
          "set": {"max_steps": 16}},
     ]}
@@ -76,6 +78,7 @@ def test_warmup_starts_from_converter_after_source_projector(vpgtrans_run, tiny_
     root = vpgtrans_run
     warmup = root / "vt" / "02-warmup"
     report = json.loads((warmup / "word_converter.json").read_text())
+    assert json.loads((warmup / "eval" / "val.json").read_text())["headline"]["loss"] > 0
     assert report["same_tokenizer"] and report["texts_heldout"] > 0
     assert report["heldout_cosine"] > report["heldout_cosine_initial"]
     # The harness dumps the model as the warm-up stage starts (after init) and after 2 steps.

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_shipped_configs_fill_completely(name, stage):
     cfg = load_config(None, ["micro_batch_size=3", "grad_accum_steps=2", "grad_clip=0.5", "precision=bf16",
                              "optim.lr=2e-4", "optim.weight_decay=0.05"])
-    ds = fill_ds_config(load_ds_json(REPO / "ds_configs" / name), cfg, world_size=4, hidden_size=64, on_cpu=True)
+    ds = fill_ds_config(load_ds_json(REPO / "ds_configs" / name), cfg, world_size=4, hidden_size=64)
     assert zero_stage(ds) == stage
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 2
     assert ds["train_batch_size"] == 24 and ds["gradient_clipping"] == 0.5
@@ -33,20 +33,20 @@ def test_shipped_configs_fill_completely(name, stage):
 def test_explicit_value_that_disagrees_is_an_error():
     ds = {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}
     with pytest.raises(DeepSpeedConfigError, match="train_micro_batch_size_per_gpu.*micro_batch_size"):
-        fill_ds_config(ds, load_config(None, ["micro_batch_size=4"]), 1, 64, True, source="my.json")
+        fill_ds_config(ds, load_config(None, ["micro_batch_size=4"]), 1, 64, source="my.json")
 
 
 def test_explicit_value_that_agrees_is_fine():
     ds = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}}
-    assert fill_ds_config(ds, load_config(None, ["micro_batch_size=4"]), 1, 64, True)["train_micro_batch_size_per_gpu"] == 4
+    assert fill_ds_config(ds, load_config(None, ["micro_batch_size=4"]), 1, 64)["train_micro_batch_size_per_gpu"] == 4
 
 
 def test_unknown_auto_and_scheduler_block_are_errors():
     cfg = load_config(None)
     with pytest.raises(DeepSpeedConfigError, match="zero_optimization.sub_group_size"):
-        fill_ds_config({"zero_optimization": {"stage": 3, "sub_group_size": "auto"}}, cfg, 1, 64, True)
+        fill_ds_config({"zero_optimization": {"stage": 3, "sub_group_size": "auto"}}, cfg, 1, 64)
     with pytest.raises(DeepSpeedConfigError, match="scheduler"):
-        fill_ds_config({"scheduler": {"type": "WarmupLR"}}, cfg, 1, 64, True)
+        fill_ds_config({"scheduler": {"type": "WarmupLR"}}, cfg, 1, 64)
 
 
 def test_unreadable_json_names_file_and_line(tmp_path):
