@@ -30,9 +30,7 @@ def load_trainable_weights(model: nn.Module, path: str | Path, strict: bool = Tr
     """
     from safetensors.torch import load_file
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / TRAINABLE_FILE
+    path = trainable_weights_file(Path(path))
     if not path.is_file():
         raise FileNotFoundError(f"no trainable-weights file at {path}")
     tensors = load_file(str(path))
@@ -59,7 +57,7 @@ def load_trainable_weights(model: nn.Module, path: str | Path, strict: bool = Tr
     return sorted(tensors)
 
 
-def _trainable_file(path: Path) -> Path:
+def trainable_weights_file(path: Path) -> Path:
     """The weights file of an init path: a .safetensors file, a checkpoint folder, or a run folder (its
     latest complete checkpoint)."""
     if not path.is_dir():
@@ -86,7 +84,7 @@ def load_init_weights(model: nn.Module, source) -> list[str]:
     """
     from safetensors.torch import load_file
 
-    path = _trainable_file(Path(source.path))
+    path = trainable_weights_file(Path(source.path))
     if not path.is_file():
         raise FileNotFoundError(f"init: no weights file at {path} (expected a .safetensors file, a checkpoint "
                                 f"folder holding {TRAINABLE_FILE}, or a run folder with a complete checkpoint)")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -94,10 +93,9 @@ def _converter(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from mmtrain.models.weights import _trainable_file
     from mmtrain.transfer.merge import merge_checkpoint
 
-    shapes = merge_checkpoint(_trainable_file(Path(args.checkpoint)), args.converter, args.out)
+    shapes = merge_checkpoint(args.checkpoint, args.converter, args.out)
     print(f"wrote {args.out}: " + ", ".join(f"{k} {list(v)}" for k, v in sorted(shapes.items()) if k.startswith("projector")))
     print("use it as a run's init: init: [{path: " + args.out + "}]")
     return 0

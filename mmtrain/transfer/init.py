@@ -130,9 +130,9 @@ def load_converted_init(model: nn.Module, source: InitSource, cfg: RunConfig, to
     """Load `source` into `model`, its projector mapped through the word converter. Returns names written."""
     from safetensors import safe_open
 
-    from mmtrain.models.weights import IncompatibleCheckpointError, _trainable_file, load_init_weights
+    from mmtrain.models.weights import IncompatibleCheckpointError, load_init_weights, trainable_weights_file
 
-    path = _trainable_file(Path(source.path))
+    path = trainable_weights_file(Path(source.path))
     if not path.is_file():
         raise FileNotFoundError(f"init: no weights file at {path}")
     if source.modules and not any(_is_projector(m) for m in source.modules):

@@ -38,11 +38,9 @@ def merge_checkpoint(checkpoint: str | Path, converter: str | Path, out: str | P
     """
     from safetensors.torch import load_file, save
 
-    from mmtrain.models.weights import TRAINABLE_FILE
+    from mmtrain.models.weights import trainable_weights_file
 
-    path = Path(checkpoint)
-    if path.is_dir():
-        path = path / TRAINABLE_FILE
+    path = trainable_weights_file(Path(checkpoint))
     if not path.is_file():
         raise ConverterError(f"no trainable-weights file at {path}")
     tensors = load_file(str(path))
