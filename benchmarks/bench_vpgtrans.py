@@ -58,10 +58,37 @@ def arm_report(name: str) -> dict | None:
     try:
         if name == "tfs":
             return {"curve": dataclasses.asdict(read_curve(folder))}
-        return speedup_report(folder, REPO / ARMS["tfs"][1], ["val_loss"])
+        report = speedup_report(folder, REPO / ARMS["tfs"][1], ["val_loss"])
+        with_source(report)
+        return report
     except (SpeedupError, FileNotFoundError, StopIteration) as exc:
         print(f"{name}: no report yet ({exc})", file=sys.stderr)
         return None
+
+
+def source_compute() -> tuple[float | None, float | None, str]:
+    """(wall, cpu) process-seconds of training the source VPG: the re-measured copy of the vpgtrans
+    recipe's source stage (`runs/vpgtrans/source-check`, run on a quiet machine) if present, else
+    that stage itself."""
+    from mmtrain.transfer.speedup import _records, _stage_compute
+
+    for folder in (REPO / "runs/vpgtrans/source-check/01-source", REPO / ARMS["vpgtrans"][1] / "01-source"):
+        if (folder / "stage.json").is_file():
+            records = _records(folder)
+            return _stage_compute(records), _stage_compute(records, "cpu_s"), str(folder.relative_to(REPO))
+    return None, None, "none"
+
+
+def with_source(report: dict) -> None:
+    """Recompute the '+source' ratios of an arm with the one source-VPG measurement shared by all arms."""
+    wall, cpu, where = source_compute()
+    (s,) = report["speedups"]
+    report["source_vpg"] = {"wall_s": wall, "cpu_s": cpu, "from": where}
+    ok = s["vt_epoch"] is not None
+    s["speedup_compute_with_source"] = (s["tfs_compute_s"] / (s["vt_compute_s"] + wall)
+                                        if ok and wall is not None else None)
+    s["speedup_cpu_with_source"] = (s["tfs_cpu_s"] / (s["vt_cpu_s"] + cpu)
+                                    if ok and cpu is not None and s["tfs_cpu_s"] and s["vt_cpu_s"] else None)
 
 
 def _times(value: float | None) -> str:
@@ -110,7 +137,7 @@ def plot(reports: dict[str, dict], path: Path) -> bool:
     fig, (by_compute, by_epoch) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, report in reports.items():
         curve = report["curve"] if name == "tfs" else report["vpgtrans"]
-        prior = 0.0 if name == "tfs" else curve["prior_compute_s"]
+        prior = (source_compute()[0] or 0.0) if name == "vpgtrans" else 0.0
         xs = [p["compute_s"] / 3600 for p in curve["points"]]
         ys = [p["metrics"]["val_loss"] for p in curve["points"]]
         by_compute.plot(xs, ys, marker="o", label=name)

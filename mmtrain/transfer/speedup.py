@@ -193,6 +193,8 @@ class MetricSpeedup:
     speedup_cpu: float | None
     """The compute speed-up in CPU seconds instead of wall seconds (steadier on a shared CPU)."""
     speedup_cpu_with_source: float | None
+    tfs_cpu_s: float | None
+    vt_cpu_s: float | None
     tfs_final: float
     vt_final: float
     vt_best: float
@@ -213,12 +215,13 @@ def metric_speedup(vt: Curve, tfs: Curve, metric: str) -> MetricSpeedup:
     finals = (tfs_points[-1].metrics[metric], vt_points[-1].metrics[metric], vt_best)
     if reached is None:
         return MetricSpeedup(metric, lower, best_value, best.epoch, best.compute_s, None, None, None, None, None,
-                             None, None, *finals)
+                             None, None, best.cpu_s, None, *finals)
     return MetricSpeedup(
         metric, lower, best_value, best.epoch, best.compute_s, reached.epoch, reached.compute_s,
         best.epoch / reached.epoch, _ratio(best.compute_s, reached.compute_s),
         _ratio(best.compute_s, reached.compute_s + vt.prior_compute_s),
-        _ratio(best.cpu_s, reached.cpu_s), _ratio(best.cpu_s, _add(reached.cpu_s, vt.prior_cpu_s)), *finals)
+        _ratio(best.cpu_s, reached.cpu_s), _ratio(best.cpu_s, _add(reached.cpu_s, vt.prior_cpu_s)), best.cpu_s,
+        reached.cpu_s, *finals)
 
 
 def speedup_report(vt_run: str | Path, tfs_run: str | Path, metrics: list[str] | None = None) -> dict[str, Any]:
