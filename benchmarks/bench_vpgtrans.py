@@ -70,12 +70,12 @@ def source_compute() -> tuple[float | None, float | None, str]:
     """(wall, cpu) process-seconds of training the source VPG: the re-measured copy of the vpgtrans
     recipe's source stage (`runs/vpgtrans/source-check`, run on a quiet machine) if present, else
     that stage itself."""
-    from mmtrain.transfer.speedup import _records, _stage_compute
+    from mmtrain.transfer.speedup import stage_compute, stage_records
 
     for folder in (REPO / "runs/vpgtrans/source-check/01-source", REPO / ARMS["vpgtrans"][1] / "01-source"):
         if (folder / "stage.json").is_file():
-            records = _records(folder)
-            return _stage_compute(records), _stage_compute(records, "cpu_s"), str(folder.relative_to(REPO))
+            records = stage_records(folder)
+            return stage_compute(records), stage_compute(records, "cpu_s"), str(folder.relative_to(REPO))
     return None, None, "none"
 
 

@@ -78,7 +78,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
     raise SpeedupError(f"{folder}: no stage_config.yaml or config.yaml")
 
 
-def _records(folder: Path) -> list[dict[str, Any]]:
+def stage_records(folder: Path) -> list[dict[str, Any]]:
     path = folder / METRICS_FILE
     if not path.is_file():
         raise SpeedupError(f"{path}: missing; has the stage trained?")
@@ -92,7 +92,7 @@ def _records(folder: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _stage_compute(records: list[dict[str, Any]], key: str = "compute_s") -> float | None:
+def stage_compute(records: list[dict[str, Any]], key: str = "compute_s") -> float | None:
     """Process-seconds of a whole stage (`compute_s`: wall; `cpu_s`: CPU): its last reading x processes."""
     world = next((int(r["world_size"]) for r in records if "world_size" in r), 1)
     readings = [float(r[key]) for r in records if key in r]
@@ -124,14 +124,14 @@ def read_curve(run: str | Path) -> Curve:
     target = llms[-1]
     first_target = next(i for i, llm in enumerate(llms) if llm == target)
     prior = folders[:first_target]
-    if any(llm == target for llm in llms[first_target:]) and any(llm != target for llm in llms[first_target:]):
+    if any(llm != target for llm in llms[first_target:]):
         raise SpeedupError(f"{run}: stages switch LLMs after the first stage on {target}; cannot tell the transfer "
                            "from its preparation")
     epochs_before = compute_before = 0.0
     cpu_before: float | None = 0.0
     points: list[CurvePoint] = []
     for folder in folders[first_target:]:
-        records = _records(folder)
+        records = stage_records(folder)
         train_size = None
         for record in records:
             if "val_loss" not in record:
@@ -153,14 +153,14 @@ def read_curve(run: str | Path) -> Curve:
             epochs_before += last_train[-1]["samples"] / train_size
         elif points and points[-1].stage == folder.name:
             epochs_before = points[-1].epoch
-        compute_before += _stage_compute(records) or 0.0
-        cpu_before = _add(cpu_before, _stage_compute(records, "cpu_s"))
+        compute_before += stage_compute(records) or 0.0
+        cpu_before = _add(cpu_before, stage_compute(records, "cpu_s"))
     if not points:
         raise SpeedupError(f"{run}: no validation records; set data.val and eval_every (one epoch's steps)")
     return Curve(run=str(run), llm=str(target), points=points, stages=[f.name for f in folders[first_target:]],
                  prior_stages=[f.name for f in prior],
-                 prior_compute_s=sum(_stage_compute(_records(f)) or 0.0 for f in prior),
-                 prior_cpu_s=_sum_or_none([_stage_compute(_records(f), "cpu_s") for f in prior]),
+                 prior_compute_s=sum(stage_compute(stage_records(f)) or 0.0 for f in prior),
+                 prior_cpu_s=_sum_or_none([stage_compute(stage_records(f), "cpu_s") for f in prior]),
                  final_evals=_eval_headlines(folders[-1]))
 
 
