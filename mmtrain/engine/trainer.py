@@ -219,8 +219,8 @@ class Trainer:
                     "epoch": self.sampler.epoch_of(step * gas - 1),
                     "compute_s": self.compute_seconds(),
                     "cpu_s": self.cpu_seconds(),
+                    "lr_groups": lrs_used,
                 }
-                record["lr_groups"] = lrs_used
                 grad_norm = self.engine.get_global_grad_norm()
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)

@@ -71,6 +71,14 @@ def trainable_weights_file(path: Path) -> Path:
     return path / TRAINABLE_FILE
 
 
+def renamed(name: str, rename: dict[str, str]) -> str:
+    """`name` with the first matching prefix of an init source's `rename` replaced."""
+    for old, new in rename.items():
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
 def load_init_weights(model: nn.Module, source) -> list[str]:
     """Copy the tensors selected by one `init` source (an `InitSource`) into `model`.
 
@@ -91,10 +99,7 @@ def load_init_weights(model: nn.Module, source) -> list[str]:
     tensors = load_file(str(path))
     selected: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
-        for old, new in source.rename.items():
-            if name.startswith(old):
-                name = new + name[len(old):]
-                break
+        name = renamed(name, source.rename)
         if not source.modules or any(name == m or name.startswith(m.rstrip(".") + ".") for m in source.modules):
             selected[name] = tensor
     if not selected:

@@ -40,17 +40,11 @@ def _file_names(path: Path, rename: dict[str, str]) -> dict[str, str]:
     """Model-side name -> file-side name of every tensor in a safetensors file, after `rename`."""
     from safetensors import safe_open
 
+    from mmtrain.models.weights import renamed
+
     with safe_open(str(path), framework="pt") as handle:
         names = list(handle.keys())
-    out = {}
-    for name in names:
-        renamed = name
-        for old, new in rename.items():
-            if name.startswith(old):
-                renamed = new + name[len(old):]
-                break
-        out[renamed] = name
-    return out
+    return {renamed(name, rename): name for name in names}
 
 
 def _is_projector(module: str) -> bool:
