@@ -12,6 +12,7 @@ commands:
   run RECIPE.yaml [options]                 run a pipeline of stages (train + evaluate), resumable
   eval RUN_OR_CHECKPOINT --data MANIFEST    evaluate a trained model (loss, generation, CIDEr, QA accuracy)
   transfer converter|merge|speedup ...      VPGTrans: word converter, projector merge, speed-up report
+  surrogate trajectory|build ...            LLM surrogates: logit-lens trajectory (the cut), streamed build
   assets list | prepare [NAME ...]          fetch, verify and cache the real offline assets
   data check MANIFEST [options]             validate a JSONL manifest before training
 """
@@ -41,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         from mmtrain.transfer.cli import main as transfer_main
 
         return transfer_main(rest, prog="mmtrain transfer")
+    if command == "surrogate":
+        from mmtrain.surrogate.cli import main as surrogate_main
+
+        return surrogate_main(rest, prog="mmtrain surrogate")
     if command == "assets":
         from mmtrain.assets.cli import main as assets_main
 

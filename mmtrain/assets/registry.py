@@ -16,10 +16,10 @@ ASSET_PREFIX = "asset:"
 
 def all_assets() -> dict[str, Asset]:
     """Name -> Asset for every known asset (imports the asset modules on first use)."""
-    from mmtrain.assets import emoji, kgeography, mcqa, mnist, mobilenet, models, tuxpaint
+    from mmtrain.assets import emoji, kgeography, mcqa, mnist, mobilenet, models, prose, tuxpaint
 
     found: dict[str, Asset] = {}
-    for module in (tuxpaint, kgeography, emoji, mnist, mcqa, models, mobilenet):
+    for module in (tuxpaint, kgeography, emoji, mnist, mcqa, prose, models, mobilenet):
         for asset in module.ASSETS:
             found[asset.name] = asset
     return found

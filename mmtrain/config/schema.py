@@ -52,6 +52,9 @@ class ProjectorConfig:
 
     kind: Literal["linear", "mlp"] = "linear"
     trainable: Trainability = "full"
+    image_boundaries: bool = False
+    """Learned begin-of-image and end-of-image embeddings around every image's visual tokens (two
+    more positions per image); they train with the projector."""
 
 
 @dataclass
@@ -64,6 +67,8 @@ class LLMConfig:
     tokenizer: str | None = None
     """Tokenizer folder; defaults to `name_or_path`."""
     trainable: Trainability = "frozen"
+    """`adapters` trains only flagged modules: a surrogate's translator (`mmtrain surrogate build`),
+    attached adapters."""
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     trust_remote_code: bool = False
 
@@ -80,8 +85,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str | None = None
-    """Training manifest (JSONL); image paths are relative to it."""
+    train: str | list[str] | None = None
+    """Training manifest (JSONL; image paths are relative to it), or a list of them, mixed into one
+    training set (e.g. image-text with text-only samples)."""
     val: str | None = None
     train_samples: int | None = None
     """Train on a seeded random subset of this many samples of `data.train` (null = all of them)."""

@@ -106,11 +106,13 @@ class VLMDataset(Dataset[dict[str, Any]]):
         self._known_bad: set[int] = set()
 
     @classmethod
-    def for_model(cls, manifest: str | Path, model: Any, tokenizer: TokenizerLike, data_cfg: Any,
+    def for_model(cls, manifest: str | Path | list[str | Path], model: Any, tokenizer: TokenizerLike, data_cfg: Any,
                   skip_log: Path | None = None, subset: int | None = None, seed: int = 0) -> "VLMDataset":
         """The dataset of `manifest` wired to a VLM's image transform and visual-token count.
 
         Args:
+            manifest: one manifest, or several whose samples are concatenated in order (a mixture,
+                e.g. image-text and text-only; the sampler shuffles them together).
             model: a VisionLanguageModel (uses `vision.image_transform`, `vision.image_shape`,
                 `num_image_tokens`).
             data_cfg: the run config's `data` section (template, max_length, bad_samples).
@@ -119,9 +121,10 @@ class VLMDataset(Dataset[dict[str, Any]]):
         from mmtrain.data.manifest import read_manifest
         from mmtrain.data.templates import get_template
 
-        samples = read_manifest(manifest)
+        manifests = manifest if isinstance(manifest, list) else [manifest]
+        samples = [sample for path in manifests for sample in read_manifest(path)]
         if subset is not None:
-            samples = random_subset(samples, subset, seed, manifest)
+            samples = random_subset(samples, subset, seed, ", ".join(str(m) for m in manifests))
         return cls(samples, tokenizer, model.vision.image_transform, tuple(model.vision.image_shape),
                    get_template(data_cfg.template), model.num_image_tokens, data_cfg.max_length,
                    bad_samples=data_cfg.bad_samples, skip_log=skip_log)

@@ -145,7 +145,7 @@ class Trainer:
 
         cfg = self.cfg
         if not cfg.data.train:
-            raise ValueError("data.train: set the training manifest (a JSONL file)")
+            raise ValueError("data.train: set the training manifest (a JSONL file, or a list of them)")
         def dataset_for(manifest: str, subset: int | None) -> VLMDataset:
             return VLMDataset.for_model(manifest, model, self.tokenizer, cfg.data, self.output_dir / "skipped.jsonl",
                                         subset=subset, seed=cfg.seed)

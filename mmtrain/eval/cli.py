@@ -30,6 +30,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--text-max-tokens", type=int, default=4096)
     parser.add_argument("--show", type=int, default=5, help="print N generated examples next to their references")
     parser.add_argument("--deepspeed", help="DeepSpeed JSON for the model's placement (default: the run's)")
+    parser.add_argument("--graft-llm", metavar="LLM",
+                        help="zero-shot grafting: evaluate the run's vision side on this LLM (e.g. the full target "
+                             "of the surrogate it was trained with); nothing of the run's LLM is loaded")
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override keys of the run's config (e.g. data.max_length=256)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -45,6 +48,7 @@ def main(argv: list[str] | None = None, prog: str = "mmtrain eval") -> int:
     from mmtrain.eval.loading import EvalTargetError, load_for_eval
     from mmtrain.eval.runner import EvalOptions, evaluate_manifest, format_results
     from mmtrain.models import IncompatibleCheckpointError
+    from mmtrain.surrogate.graft import GraftError
     from mmtrain.utils.io import atomic_write_json
 
     options = EvalOptions(max_samples=args.max_samples, generate=args.generate, max_new_tokens=args.max_new_tokens,
@@ -58,14 +62,17 @@ def main(argv: list[str] | None = None, prog: str = "mmtrain eval") -> int:
         options.text = args.text
         if args.text and not Path(args.text).is_file():
             raise FileNotFoundError(f"--text {args.text}: no such file")
-        em = load_for_eval(args.target, args.deepspeed, args.overrides)
+        if args.graft_llm:
+            args.graft_llm = resolve_asset_reference(args.graft_llm, "--graft-llm")
+        em = load_for_eval(args.target, args.deepspeed, args.overrides, graft_llm=args.graft_llm)
         result = evaluate_manifest(em, args.data, options)
     except (EvalTargetError, ConfigError, AssetError, BadSampleError, ManifestError, DeepSpeedConfigError,
-            IncompatibleCheckpointError, FileNotFoundError) as exc:
+            IncompatibleCheckpointError, GraftError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     result = {"run": str(em.run_dir), "checkpoint": str(em.checkpoint), "step": em.step,
-              "world_size": em.world_size, "zero3": em.zero3, **result}
+              "world_size": em.world_size, "zero3": em.zero3, "llm": em.cfg.model.llm.name_or_path,
+              "grafted": em.grafted, **result}
     if em.rank == 0:
         name = args.name or Path(args.data).name.removesuffix(".jsonl")
         out = Path(args.out) if args.out else em.run_dir / "eval" / f"{name}.json"

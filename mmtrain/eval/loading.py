@@ -42,6 +42,8 @@ class EvalModel:
     device: torch.device
     keepalive: Any = None
     """Objects that must outlive the model (the DeepSpeed engine, HfDeepSpeedConfig)."""
+    grafted: bool = False
+    """The run's vision side on another LLM (`cfg.model.llm` is that LLM)."""
 
 
 def resolve_target(path: str | Path) -> tuple[Path, Path]:
@@ -61,8 +63,14 @@ def resolve_target(path: str | Path) -> tuple[Path, Path]:
                           f"(with {META_FILE}); pass OUTPUT_DIR or OUTPUT_DIR/checkpoints/step_XXXXXXXX")
 
 
-def load_for_eval(target: str | Path, deepspeed_json: str | None = None, overrides: list[str] | None = None) -> EvalModel:
-    """Rebuild the run's model with its trained weights on this rank (see the module docstring)."""
+def load_for_eval(target: str | Path, deepspeed_json: str | None = None, overrides: list[str] | None = None,
+                  graft_llm: str | None = None) -> EvalModel:
+    """Rebuild the run's model with its trained weights on this rank (see the module docstring).
+
+    Args:
+        graft_llm: zero-shot grafting: build the model on this LLM instead of the run's, and load
+            only the vision side of the run's weights (`mmtrain.surrogate.graft`).
+    """
     import json
 
     from mmtrain.engine.accelerator import move_buffers, on_cpu, release_large_frees_to_os
@@ -73,6 +81,12 @@ def load_for_eval(target: str | Path, deepspeed_json: str | None = None, overrid
 
     run, checkpoint = resolve_target(target)
     cfg = load_config(run / "config.yaml", overrides)
+    trained = InitSource(path=str(checkpoint))
+    if graft_llm:
+        from mmtrain.surrogate.graft import checkpoint_source, graft_config
+
+        cfg = graft_config(cfg, graft_llm)
+        trained = checkpoint_source(checkpoint)
     if deepspeed_json:
         cfg.deepspeed = deepspeed_json
     if on_cpu():
@@ -102,7 +116,7 @@ def load_for_eval(target: str | Path, deepspeed_json: str | None = None, overrid
             load_converted_init(model, source, cfg, tokenizer, run)
         else:
             load_init_weights(model, source)
-    load_init_weights(model, InitSource(path=str(checkpoint)))
+    load_init_weights(model, trained)
     model.requires_grad_(False)
     if zero3:
         import deepspeed
@@ -119,4 +133,5 @@ def load_for_eval(target: str | Path, deepspeed_json: str | None = None, overrid
     model.eval()
     step = int(json.loads((checkpoint / META_FILE).read_text()).get("global_step", 0))
     return EvalModel(model=model, tokenizer=tokenizer, cfg=cfg, run_dir=run, checkpoint=checkpoint, step=step,
-                     rank=dist.rank, world_size=dist.world_size, zero3=zero3, device=device, keepalive=keepalive)
+                     rank=dist.rank, world_size=dist.world_size, zero3=zero3, device=device, keepalive=keepalive,
+                     grafted=bool(graft_llm))

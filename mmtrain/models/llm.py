@@ -143,7 +143,36 @@ def build_llm(cfg: LLMConfig, attn_implementation: str, dtype: torch.dtype = tor
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=config, **kwargs)
     else:
         model = AutoModelForCausalLM.from_config(config, **kwargs)
+    mark_translator(model)
     return CausalLM(model)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a Hugging Face causal LM (Llama/Qwen2/Mistral-style `model.layers`)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (expected `model.layers`)")
+    return layers
+
+
+def mark_translator(model: nn.Module) -> None:
+    """Flag a surrogate's translator layer as an adapter, so `trainable: adapters` trains it alone.
+
+    Surrogates built by `mmtrain surrogate build` record the translator's index in their config
+    (`mmtrain_surrogate.translator_layer`); other models are left as they are.
+    """
+    from mmtrain.models.trainability import mark_adapter
+
+    info = getattr(model.config, "mmtrain_surrogate", None)
+    if not info:
+        return
+    index = int(info["translator_layer"])
+    layers = decoder_layers(model)
+    if not 0 <= index < len(layers):
+        raise ValueError(f"the surrogate's config names translator layer {index} but the model has "
+                         f"{len(layers)} layers: its config.json was edited or is not a surrogate's")
+    mark_adapter(layers[index])
 
 
 def load_tokenizer(cfg: LLMConfig):

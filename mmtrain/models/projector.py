@@ -2,10 +2,15 @@
 
 The linear projector is what VPGTrans composes with its word converter (W_t = W_w W_s), so it is
 kept a plain `nn.Linear` whose `weight`/`bias` names are stable in checkpoints.
+
+With `image_boundaries`, the projector also owns learned begin-of-image and end-of-image
+embeddings (`projector.begin_image`, `projector.end_image`, in the LLM's embedding space) and
+returns them around each image's visual tokens, as the grafting recipes train them.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from mmtrain.config.schema import ProjectorConfig
@@ -22,8 +27,41 @@ class MLPProjector(nn.Sequential):
         super().__init__(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
 
 
+class _ImageBoundaries:
+    """Mixin: `begin_image` / `end_image` embeddings around the projected tokens ([B, N, H] -> [B, N+2, H])."""
+
+    extra_tokens = 2
+
+    def _init_boundaries(self, out_dim: int) -> None:
+        self.begin_image = nn.Parameter(torch.randn(out_dim) * 0.02)
+        self.end_image = nn.Parameter(torch.randn(out_dim) * 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = super().forward(x)
+        batch = tokens.shape[0]
+        begin = self.begin_image.to(tokens.dtype).expand(batch, 1, -1)
+        end = self.end_image.to(tokens.dtype).expand(batch, 1, -1)
+        return torch.cat([begin, tokens, end], dim=1)
+
+
+class BoundedLinearProjector(_ImageBoundaries, LinearProjector):
+    """`LinearProjector` with begin/end-of-image embeddings."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__(in_dim, out_dim)
+        self._init_boundaries(out_dim)
+
+
+class BoundedMLPProjector(_ImageBoundaries, MLPProjector):
+    """`MLPProjector` with begin/end-of-image embeddings."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__(in_dim, out_dim)
+        self._init_boundaries(out_dim)
+
+
 def build_projector(in_dim: int, out_dim: int, cfg: ProjectorConfig) -> nn.Module:
-    """The projector named by `cfg.kind`."""
+    """The projector named by `cfg.kind` (with begin/end-of-image embeddings if `cfg.image_boundaries`)."""
     if cfg.kind == "linear":
-        return LinearProjector(in_dim, out_dim)
-    return MLPProjector(in_dim, out_dim)
+        return (BoundedLinearProjector if cfg.image_boundaries else LinearProjector)(in_dim, out_dim)
+    return (BoundedMLPProjector if cfg.image_boundaries else MLPProjector)(in_dim, out_dim)

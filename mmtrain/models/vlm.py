@@ -25,7 +25,7 @@ class VisionLanguageModel(nn.Module):
         self.resampler = resampler
         self.projector = projector
         self.llm = llm
-        self.num_image_tokens = resampler.num_output_tokens(vision.num_tokens)
+        self.num_image_tokens = resampler.num_output_tokens(vision.num_tokens) + getattr(projector, "extra_tokens", 0)
         self.keep_llm_in_train_mode = False
 
     def components(self) -> dict[str, nn.Module]:

@@ -87,7 +87,8 @@ def fitted_converter(model: nn.Module, settings: WordConverterConfig, cfg: RunCo
     if not settings.source_llm:
         raise ConverterError("init[].word_converter.source_llm: missing; name the LLM folder the inherited "
                              "projector was trained for (recipes fill it from the inherited stage)")
-    corpus = list(settings.corpus) or ([cfg.data.train] if cfg.data.train else [])
+    train = cfg.data.train
+    corpus = list(settings.corpus) or (list(train) if isinstance(train, list) else [train] if train else [])
     key = converter_key(settings, cfg.model.llm.name_or_path or "", corpus)
     cached = output_dir / CONVERTER_FILE
     reuse = False
