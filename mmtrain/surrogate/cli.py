@@ -20,7 +20,8 @@ def _resolve(value: str, key: str) -> str:
     try:
         return resolve_asset_reference(value, key)
     except AssetError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:

@@ -13,7 +13,8 @@ from mmtrain.engine.ds_config import DeepSpeedConfigError, fill_ds_config, load_
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name, stage", [("zero2.json", 2), ("zero3.json", 3), ("zero3_offload.json", 3)])
+@pytest.mark.parametrize("name, stage", [("zero2.json", 2), ("zero3.json", 3), ("zero3_offload.json", 3),
+                                         ("zero3_param_offload.json", 3)])
 def test_shipped_configs_fill_completely(name, stage):
     cfg = load_config(None, ["micro_batch_size=3", "grad_accum_steps=2", "grad_clip=0.5", "precision=bf16",
                              "optim.lr=2e-4", "optim.weight_decay=0.05"])
@@ -24,7 +25,7 @@ def test_shipped_configs_fill_completely(name, stage):
     assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
     params = ds["optimizer"]["params"]
     assert params["lr"] == 2e-4 and params["weight_decay"] == 0.05 and params["betas"] == [0.9, 0.999]
-    assert params["torch_adam"] is (name != "zero3_offload.json")
+    assert params["torch_adam"] is ("offload" not in name)
     assert "auto" not in json.dumps(ds)
     if stage == 3:
         assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 640
