@@ -94,7 +94,7 @@ def _loaded(target: Path, graft_llm: str | None = None) -> dict[str, torch.Tenso
     from mmtrain.eval.loading import load_for_eval
 
     em = load_for_eval(target, graft_llm=graft_llm)
-    return {k: v.detach().clone() for k, v in em.model.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in em.model.state_dict().items()}
 
 
 def test_grafting_loads_exactly_the_trained_vision_side_and_nothing_of_the_surrogate(grafting_run):
@@ -134,6 +134,20 @@ def test_sharded_graft_evaluation_on_two_ranks_equals_one_process(grafting_run, 
     assert sharded["zero3"] is True and sharded["world_size"] == 2
     for key in ("loss", "loss_no_image", "loss_other_image"):
         assert sharded["loss"][key] == pytest.approx(single["loss"][key], rel=1e-5), key
+
+
+def test_graft_evaluation_with_parameters_offloaded_equals_the_plain_one(grafting_run, tiny_assets):
+    stage2 = grafting_run / "run" / "02-stage2"
+    out = grafting_run / "offload-grafted.json"
+    proc = subprocess.run([sys.executable, "-m", "mmtrain", "eval", str(stage2), "--data", str(tiny_assets["val"]),
+                           "--generate", "0", "--max-samples", "12", "--graft-llm", str(grafting_run / "target"),
+                           "--deepspeed", str(REPO / "ds_configs" / "zero3_param_offload.json"), "--out", str(out)],
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    offloaded = json.loads(out.read_text())
+    single = json.loads((stage2 / "eval" / "grafted.json").read_text())
+    assert offloaded["zero3"] is True
+    assert offloaded["loss"]["loss"] == pytest.approx(single["loss"]["loss"], rel=1e-6)
 
 
 def test_stage3_fine_tunes_on_the_full_target(grafting_run):
