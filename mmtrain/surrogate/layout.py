@@ -73,7 +73,9 @@ def check_tensor_names(names: list[str], total: int, tied: bool) -> None:
         split = split_layer_name(name)
         if split is not None:
             layers.setdefault(split[0], set()).add(split[1])
-    if not layers or EMBEDDINGS not in names:
+    # Tied checkpoints may store the shared matrix under either name (transformers 5 keeps `lm_head.weight`).
+    has_embeddings = EMBEDDINGS in names or (tied and LM_HEAD in names)
+    if not layers or not has_embeddings:
         shown = ", ".join(sorted(names)[:8]) + (", ..." if len(names) > 8 else "")
         raise SurrogateBuildError(f"the checkpoint's tensors ({shown}) do not match the supported layouts: "
                                   f"{supported_layouts()}")

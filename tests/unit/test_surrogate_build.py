@@ -323,3 +323,25 @@ def test_cli(targets, tmp_path):
 
     size = _cli(str(targets["llama"]), "--cut", "2", "--out", str(tmp_path / "size"), "--max-shard-size", "huge")
     assert size.returncode == 2 and size.stderr.startswith("error: cannot read 'huge' as a size")
+
+
+def test_tied_checkpoint_storing_the_shared_matrix_as_lm_head(targets, tmp_path):
+    """Tied checkpoints may hold only `lm_head.weight` (as the converted SmolLM2 asset does)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    source = tmp_path / "head_only"
+    shutil.copytree(targets["llama_tied"], source)
+    full = AutoModelForCausalLM.from_pretrained(source)
+    for stale in list(source.glob("model*.safetensors*")):
+        stale.unlink()
+    state = {k: v.contiguous() for k, v in full.state_dict().items() if k != "model.embed_tokens.weight"}
+    state["lm_head.weight"] = full.model.embed_tokens.weight.detach().clone()
+    save_file(state, str(source / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "surrogate"
+    build_surrogate(source, 2, out)
+    assert "lm_head.weight" in _checkpoint_tensors(out) and "model.embed_tokens.weight" not in _checkpoint_tensors(out)
+    loaded, loading = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not loading["missing_keys"], loading
+    assert torch.equal(loaded.model.embed_tokens.weight, full.model.embed_tokens.weight)
