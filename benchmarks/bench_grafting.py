@@ -5,8 +5,8 @@ with begin/end-of-image embeddings, real Tux Paint captions mixed with real text
 (configs/grafting/). Steps:
   1. `mmtrain surrogate trajectory` on 300 prose sentences: KL per layer, the proposed cut K;
   2. `mmtrain surrogate build` for K and for an early cut (before the transition point);
-  3. arms, each two stages of 64 steps (stage 1: adapter + boundaries (+ translator) on image-text
-     + text-only; stage 2: adapter + top 3 MobileNetV2 blocks on the same data):
+  3. arms, each two stages (stage 1, 160 steps: adapter + boundaries (+ translator) on image-text
+     + text-only; stage 2, 64 steps: adapter + top 3 MobileNetV2 blocks on the captions):
        - surrogate:   configs/grafting/surrogate.yaml on the K surrogate, evaluated as the surrogate
                       pair and GRAFTED onto the full target (no training);
        - early-cut:   the same on the early-cut surrogate;

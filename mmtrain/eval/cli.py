@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None, prog: str = "mmtrain eval") -> int:
         atomic_write_json(out, result)
         print(format_results(result, args.show))
         print(f"results: {out}")
+    if em.world_size > 1:  # no rank leaves while rank 0 still writes (an early exit can abort the others)
+        import deepspeed.comm as dist
+
+        dist.barrier()
     return 0
 
 
