@@ -259,18 +259,21 @@ def report(prepared: dict, arm_specs: dict[str, dict], target: str) -> dict:
 
 def format_report(result: dict) -> str:
     traj = result["trajectory"]
+    direct_training = result["arms"]["direct"]["training_flops"]
+    direct_curve_start = result["arms"]["direct"]["curve"][0]["flops"]
     lines = [f"trajectory: proposed cut K={traj['cut']} (transition at layer {traj['transition_layer']}); "
              f"{traj.get('texts')} texts, {traj.get('positions')} scored positions",
              "",
              f"{'arm':<26} {'LLM layers':>10} {'val loss':>9} {'test loss':>9} {'other img':>9} {'CIDEr':>6} "
-             f"{'text ppl':>9} {'TFLOPs':>8} {'GPU-h eq.':>10} {'CPU s':>7}"]
+             f"{'text ppl':>9} {'train TFLOPs':>12} {'+trajectory':>11} {'GPU-h eq.':>10} {'CPU s':>7}"]
 
     def row(label, arm, q):
         def fmt(value, spec):
             return format(value, spec) if isinstance(value, (int, float)) else "-"
         return (f"{label:<26} {arm['llm_layers']:>10} {fmt(q.get('val_loss'), '9.3f')} {fmt(q.get('test_loss'), '9.3f')} "
                 f"{fmt(q.get('test_loss_other_image'), '9.3f')} {fmt(q.get('cider'), '6.3f')} "
-                f"{fmt(q.get('text_ppl'), '9.2f')} {arm['total_flops'] / 1e12:>8.1f} {arm['gpu_hours']:>10.2e} "
+                f"{fmt(q.get('text_ppl'), '9.2f')} {arm['training_flops'] / 1e12:>12.1f} {arm['total_flops'] / 1e12:>11.1f} "
+                f"{arm['gpu_hours']:>10.2e} "
                 f"{arm['cpu_seconds']:>7.0f}")
 
     for name, arm in result["arms"].items():
@@ -285,10 +288,13 @@ def format_report(result: dict) -> str:
             continue
         needed = arm["direct_flops_to_reach_grafted_val_loss"]
         equal = (f"direct needs {needed / 1e12:.1f} TFLOPs to reach the grafted val loss: saving "
-                 f"{100 * arm['saving_at_equal_quality']:.0f}%") if needed else \
+                 f"{100 * arm['saving_at_equal_quality']:.0f}%" + (" (direct is already better at its first validation)"
+                                                           if needed == direct_curve_start else "")) if needed else \
             "direct never reaches the grafted val loss within its run (no equal-quality point)"
-        lines.append(f"{name} (K={arm['cut']}): {equal}; same-steps compute vs direct: "
-                     f"{100 * arm['saving_vs_direct_same_steps']:.0f}% less")
+        same = arm["saving_vs_direct_same_steps"]
+        lines.append(f"{name} (K={arm['cut']}): {equal}; compute of the same steps, trajectory included: "
+                     f"{100 * abs(same):.0f}% {'less' if same >= 0 else 'more'} than direct (training alone: "
+                     f"{100 * (1 - arm['training_flops'] / direct_training):.0f}% less)")
     return "\n".join(lines)
 
 
