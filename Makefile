@@ -7,7 +7,7 @@ VENV ?= $(MMTRAIN_CACHE)/venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmtrain-deps-$(shell cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-12)
 
-.PHONY: setup bench-setup assets test test-fast demo tiny tiny-data clean
+.PHONY: setup assets test test-fast demo tiny tiny-data clean
 
 setup: $(STAMP)
 	@$(PY) -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
@@ -18,10 +18,6 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	rm -f $(VENV)/.mmtrain-deps-* && touch $@
-
-# What the benchmarks need beyond the tests (plots).
-bench-setup: setup
-	$(PY) -m pip install -q -r requirements-bench.txt
 
 tiny-data: setup
 	$(PY) -m mmtrain.data.synthetic runs/tiny_data

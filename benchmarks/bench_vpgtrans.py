@@ -17,7 +17,7 @@ Each arm is a `mmtrain run` of its recipe (a rerun skips finished stages), then
     python benchmarks/bench_vpgtrans.py --arms tfs,vpgtrans
 
 Writes benchmarks/results/vpgtrans.json and benchmarks/results/vpgtrans_curves.png (validation
-loss against compute and against epochs for every arm; needs `make bench-setup` for matplotlib).
+loss against compute and against epochs for every arm).
 Compute is processes x wall seconds of training (model loading, converter fitting, checkpoints
 included; validation excluded), i.e. GPU-hours on a GPU, CPU process-hours here.
 """
@@ -132,7 +132,7 @@ def plot(reports: dict[str, dict], path: Path) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib missing (make bench-setup): no plot", file=sys.stderr)
+        print("matplotlib missing (make setup installs it): no plot", file=sys.stderr)
         return False
     fig, (by_compute, by_epoch) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, report in reports.items():
