@@ -122,6 +122,9 @@ def launch(args: list[str], nprocs: int, launcher: str = "deepspeed", timeout: i
             stdout, stderr = popen.communicate()
             raise AssertionError(f"{' '.join(cmd)} timed out after {timeout} s; its process group was killed:\n"
                                  f"{stdout[-6000:]}\n{stderr[-6000:]}") from None
+    from mmtrain.engine.distributed import remove_shm_allreduce_buffers
+
+    remove_shm_allreduce_buffers(port)
     proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")

@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -71,3 +72,23 @@ def init_distributed() -> DistEnv:
         timeout = datetime.timedelta(seconds=int(os.environ.get("MMTRAIN_DIST_TIMEOUT_S", "1800")))
         deepspeed.init_distributed(timeout=timeout)
     return dist_env
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def remove_shm_allreduce_buffers(port: int | str) -> int:
+    """Delete the shared-memory all-reduce buffers DeepSpeed left behind for the job that used `port`.
+
+    On CPU, DeepSpeed's shared-memory all-reduce creates `/dev/shm/deepspeed_allreduce_buffer_*_<addr>_<port>_<rank>`
+    (~66 MB a rank) and never removes them; /dev/shm is memory, so every multi-process CPU job would
+    leak it. Call this once the job's processes have exited. Returns how many files were removed.
+    """
+    removed = 0
+    for path in SHM_DIR.glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        try:
+            path.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed

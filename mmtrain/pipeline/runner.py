@@ -196,6 +196,10 @@ def run_logged(command: list[str], log: Path, folder: Path, kind: str, out: Text
         code = _tee(command, log, out)
         return code
     finally:
+        if "--master_port" in command:
+            from mmtrain.engine.distributed import remove_shm_allreduce_buffers
+
+            remove_shm_allreduce_buffers(command[command.index("--master_port") + 1])
         end_attempt(folder, attempt, code, time.monotonic() - started)
 
 

@@ -30,3 +30,15 @@ def test_batch_script_without_srun_is_single_process():
     # Inside an sbatch script SLURM_PROCID/SLURM_NTASKS exist but no step: one process, not rank 0 of N.
     env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "7"}
     assert setup_dist_env(env).world_size == 1
+
+
+def test_shm_allreduce_buffers_of_one_job_are_removed(tmp_path, monkeypatch):
+    from mmtrain.engine import distributed
+
+    monkeypatch.setattr(distributed, "SHM_DIR", tmp_path)
+    for name in ("deepspeed_allreduce_buffer_0_127.0.0.1_29500_0", "deepspeed_allreduce_buffer_0_127.0.0.1_29500_1",
+                 "deepspeed_allreduce_buffer_0_127.0.0.1_29501_0", "other_29500_0"):
+        (tmp_path / name).write_bytes(b"x")
+    assert distributed.remove_shm_allreduce_buffers(29500) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deepspeed_allreduce_buffer_0_127.0.0.1_29501_0",
+                                                          "other_29500_0"]
