@@ -62,3 +62,14 @@ def resolve_asset_reference(value: str, key: str = "") -> str:
     if rest and not path.exists():
         raise AssetError(f"{where}{path} does not exist in the prepared asset {name!r}")
     return str(path)
+
+
+def resolve_cli_reference(value: str, flag: str) -> str:
+    """`resolve_asset_reference` for a command-line value: on failure print `error: ...` and exit 2."""
+    import sys
+
+    try:
+        return resolve_asset_reference(value, flag)
+    except AssetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

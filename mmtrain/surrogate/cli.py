@@ -13,17 +13,6 @@ import argparse
 import sys
 
 
-def _resolve(value: str, key: str) -> str:
-    from mmtrain.assets.common import AssetError
-    from mmtrain.assets.registry import resolve_asset_reference
-
-    try:
-        return resolve_asset_reference(value, key)
-    except AssetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
 def build_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="LLM surrogates for zero-shot grafting.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +42,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, prog: str = "mmtrain surrogate") -> int:
+    from mmtrain.assets.registry import resolve_cli_reference as _resolve
+
     args = build_parser(prog).parse_args(argv)
     if args.command == "trajectory":
         from mmtrain.surrogate.trajectory import TrajectoryError, run_trajectory

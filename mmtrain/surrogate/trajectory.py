@@ -117,8 +117,13 @@ def _check_threshold(threshold: float) -> float:
 def lens_parts(model: nn.Module) -> LensParts:
     """The decoder layers, final norm and LM head of a Llama/Qwen2/Mistral-style causal LM."""
     kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
-    layers = getattr(decoder, "layers", None)
+    from mmtrain.models.llm import decoder_layers
+
+    try:
+        layers = decoder_layers(model)
+    except ValueError:
+        layers = None
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     norm = getattr(decoder, "norm", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(layers, nn.ModuleList) or not isinstance(norm, nn.Module) or not isinstance(head, nn.Module):

@@ -15,21 +15,10 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from mmtrain.assets.registry import resolve_cli_reference as _resolve
 from mmtrain.config.schema import WordConverterConfig
 
 _DEFAULTS = WordConverterConfig()
-
-
-def _resolve(value: str, key: str) -> str:
-    from mmtrain.assets.common import AssetError
-    from mmtrain.assets.registry import ASSET_PREFIX, resolve_asset_reference
-
-    if not value.startswith(ASSET_PREFIX):
-        return value
-    try:
-        return resolve_asset_reference(value, key)
-    except AssetError as exc:
-        raise SystemExit(f"error: {exc}") from None
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
