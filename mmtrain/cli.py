@@ -13,6 +13,7 @@ commands:
   eval RUN_OR_CHECKPOINT --data MANIFEST    evaluate a trained model (loss, generation, CIDEr, QA accuracy)
   transfer converter|merge|speedup ...      VPGTrans: word converter, projector merge, speed-up report
   surrogate trajectory|build ...            LLM surrogates: logit-lens trajectory (the cut), streamed build
+  params CONFIG.yaml [--set KEY=VALUE ...]  trainable/frozen parameters per component (meta device, no weights)
   assets list | prepare [NAME ...]          fetch, verify and cache the real offline assets
   data check MANIFEST [options]             validate a JSONL manifest before training
 """
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         from mmtrain.surrogate.cli import main as surrogate_main
 
         return surrogate_main(rest, prog="mmtrain surrogate")
+    if command == "params":
+        from mmtrain.models.counting import main as params_main
+
+        return params_main(rest, prog="mmtrain params")
     if command == "assets":
         from mmtrain.assets.cli import main as assets_main
 

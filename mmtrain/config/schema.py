@@ -14,6 +14,61 @@ Trainability = Literal["frozen", "full", "adapters"]
 
 
 @dataclass
+class AdapterConfig:
+    """MMA (LaVIN) adapters: one bottleneck adapter before self-attention in every block.
+
+    `out = x + scale * (w0 * B z + w1 * D z)`, `z = Dropout(A x)`, `w = softmax(W_m m / temperature)`
+    over two experts, m = the routing token's input (the LLM's modality token, the vision tower's
+    CLS token), computed per sample. A is d -> bottleneck (xavier); B and D are bottleneck -> d,
+    grouped, ZERO-initialised, so training starts from the unmodified model.
+    """
+
+    kind: Literal["router", "plain"] = "router"
+    """`router`: two up-projections mixed by the router (MMA); `plain`: one up-projection, no router
+    (the ablation)."""
+    bottleneck: int = 8
+    temperature: float = 10.0
+    """Router softmax temperature (LaVIN: 10 at 7B, 5 at 13B)."""
+    scale: float = 1.0
+    dropout: float = 0.1
+    groups: int = 2
+    """Groups of the up-projections (a grouped 1x1 convolution in LaVIN)."""
+    modality_token: bool | None = None
+    """LLM only: prepend a learned modality token (0 = text only, 1 = image) at position 0 that no
+    other token attends to and that drives the routers. Default: on for `router` adapters in the
+    LLM, off otherwise."""
+
+
+@dataclass
+class VLPETConfig:
+    """VL-PET on an encoder-decoder LM (T5, BART): granularity-controlled modules after every encoder
+    self-attention and FFN (encoder LayerNorms trainable), and a parallel adapter on every decoder
+    cross-attention's value path. Everything else in the LM stays frozen."""
+
+    gate: Literal["large", "middle_x", "middle_y", "small", "none"] = "large"
+    """Granularity of the gate G: large (N x d), middle_x (N x 1), middle_y (1 x d), small (1 x 1)."""
+    rank: int | None = None
+    """Bottleneck width r of the modules and the value adapters (default: 96 BART, 192 T5)."""
+    heads: int = 4
+    """Heads N_h of the multi-head down-projection (each d -> r / N_h)."""
+    gate_rank: int = 96
+    """Low rank of the `large` gate."""
+    gate_scale: float | None = None
+    """s in the gates (default: 1 BART, 0.3 T5)."""
+    train_encoder_norms: bool = True
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA on the LLM's linear layers, through PEFT (the comparison baseline)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
 class VisionConfig:
     """The vision tower: any Hugging Face vision model, by name/path or built from a config dict."""
 
@@ -30,13 +85,19 @@ class VisionConfig:
     """Which hidden state feeds the resampler (-1 = last block's output, -2 = the one before...)."""
     drop_cls: bool = True
     """Drop the CLS token (when the tower has one) and keep only patch tokens."""
+    cls_every: int = 0
+    """LaVIN's visual tokens: the CLS token after every k-th block (k = 4: 6 tokens for 24 blocks)
+    instead of the patch tokens of `feature_layer` (0 = off)."""
+    adapter: AdapterConfig | None = None
+    """MMA adapters in every transformer block of the tower (train them with `trainable: adapters`)."""
 
 
 @dataclass
 class ResamplerConfig:
     """The visual prompt generator between the tower and the projector."""
 
-    kind: Literal["qformer", "mlp"] = "qformer"
+    kind: Literal["qformer", "mlp", "identity"] = "qformer"
+    """`identity`: no resampler, the tower's tokens go to the projector as they are (LaVIN)."""
     num_queries: int = 32
     num_layers: int = 2
     hidden_size: int = 768
@@ -51,6 +112,10 @@ class ProjectorConfig:
     """Linear (optionally MLP) map from the resampler width into the LLM's embedding width."""
 
     kind: Literal["linear", "mlp"] = "linear"
+    hidden_size: int | None = None
+    """MLP only: the hidden width (default: the LLM's width; LaVIN: 128)."""
+    activation: Literal["gelu", "silu"] = "gelu"
+    """MLP only: the activation between the two layers (LaVIN: silu)."""
     trainable: Trainability = "full"
     image_boundaries: bool = False
     """Learned begin-of-image and end-of-image embeddings around every image's visual tokens (two
@@ -71,6 +136,17 @@ class LLMConfig:
     attached adapters."""
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     trust_remote_code: bool = False
+    quantization: Literal["none", "8bit", "4bit"] = "none"
+    """Load the frozen LLM's linear layers quantised by bitsandbytes (LaVIN's "lite" mode: 4bit);
+    ZeRO-1/2 only."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type."""
+    adapter: AdapterConfig | None = None
+    """MMA adapters before self-attention in every decoder block (train with `trainable: adapters`)."""
+    vl_pet: VLPETConfig | None = None
+    """VL-PET modules (encoder-decoder LMs only; train with `trainable: adapters`)."""
+    lora: LoRAConfig | None = None
+    """LoRA through PEFT (train with `trainable: adapters`)."""
 
 
 @dataclass
@@ -98,13 +174,16 @@ class DataConfig:
     max_length: int = 512
     """Longest sample in tokens, image tokens included; longer samples are bad samples."""
     image_placeholder: str = "<image>"
+    no_image_text: str | None = None
+    """Text that stands where the image would for text-only samples (LaVIN: "Image: N/A\n")."""
     shuffle: bool = True
     num_workers: int = 0
 
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw"] = "adamw"
+    name: Literal["adamw", "adamw8bit"] = "adamw"
+    """`adamw8bit`: bitsandbytes' AdamW with 8-bit optimizer states."""
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)

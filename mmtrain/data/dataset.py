@@ -65,6 +65,7 @@ class VLMDataset(Dataset[dict[str, Any]]):
         max_length: int,
         bad_samples: str = "error",
         skip_log: Path | None = None,
+        no_image_text: str | None = None,
     ) -> None:
         """Creates the dataset.
 
@@ -78,6 +79,7 @@ class VLMDataset(Dataset[dict[str, Any]]):
             max_length: Longest allowed encoded sample, in tokens.
             bad_samples: ``"error"`` or ``"skip"``.
             skip_log: JSONL file that receives one line per skipped sample.
+            no_image_text: Text standing where the image would, in samples without one.
 
         Raises:
             ValueError: Unknown ``bad_samples`` policy, no samples, or a
@@ -98,6 +100,7 @@ class VLMDataset(Dataset[dict[str, Any]]):
         self.image_transform = image_transform
         self.image_shape = tuple(image_shape)
         self.template = template
+        self.no_image_text = no_image_text
         self.num_image_tokens = num_image_tokens
         self.max_length = max_length
         self.bad_samples = bad_samples
@@ -127,7 +130,7 @@ class VLMDataset(Dataset[dict[str, Any]]):
             samples = random_subset(samples, subset, seed, ", ".join(str(m) for m in manifests))
         return cls(samples, tokenizer, model.vision.image_transform, tuple(model.vision.image_shape),
                    get_template(data_cfg.template), model.num_image_tokens, data_cfg.max_length,
-                   bad_samples=data_cfg.bad_samples, skip_log=skip_log)
+                   bad_samples=data_cfg.bad_samples, skip_log=skip_log, no_image_text=data_cfg.no_image_text)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -166,7 +169,8 @@ class VLMDataset(Dataset[dict[str, Any]]):
             BadSampleError: The sample is unusable.
         """
         sample = self.samples[index]
-        encoded = self.template.encode(sample, self.tokenizer, self.num_image_tokens)
+        encoded = self.template.encode(sample, self.tokenizer, self.num_image_tokens,
+                                       no_image_text=self.no_image_text)
         self._check_length(sample, encoded)
         if sample.image is None:
             pixel_values = torch.zeros(self.image_shape, dtype=torch.float32)

@@ -101,6 +101,7 @@ class PromptTemplate:
         tokenizer: TokenizerLike,
         num_image_tokens: int,
         image_placeholder: str = DEFAULT_IMAGE_PLACEHOLDER,
+        no_image_text: str | None = None,
     ) -> Encoded:
         """Tokenises a sample into ids, labels and the image mask.
 
@@ -112,6 +113,8 @@ class PromptTemplate:
             tokenizer: A Hugging Face tokenizer; it needs an eos token.
             num_image_tokens: Positions an image takes in the sequence.
             image_placeholder: The string marking where the image goes.
+            no_image_text: For a sample without an image: text (not learnt) put where an image
+                goes when there is no placeholder, right after bos (LaVIN: "Image: N/A\n").
 
         Returns:
             The encoded sample.
@@ -142,6 +145,8 @@ class PromptTemplate:
         placed = any(isinstance(content, str) and image_placeholder in content for content, _ in pieces)
         if sample.has_image and not placed:
             add_image()
+        if not sample.has_image and no_image_text:
+            add_tokens(list(tokenizer.encode(no_image_text, add_special_tokens=False)), target=False)
         for content, target in pieces:
             if isinstance(content, int):
                 add_tokens([content], target)

@@ -71,7 +71,15 @@ def fill_ds_config(
                         "weight_decay": cfg.optim.weight_decay}.items():
         _set_owned(ds, ("optimizer", "params", name), value, source)
     offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") not in ("none", None)
-    if params.get("torch_adam", "auto") == "auto":
+    if cfg.optim.name == "adamw8bit":
+        if offload:
+            raise DeepSpeedConfigError(f"{source}: optim.name=adamw8bit runs bitsandbytes' optimizer on the "
+                                       "parameters' device; remove zero_optimization.offload_optimizer (DeepSpeed's "
+                                       "CPU Adam is what offload uses)")
+        # The trainer builds bitsandbytes' AdamW8bit from the same values and hands it to DeepSpeed.
+        del ds["optimizer"]
+        ds["zero_allow_untested_optimizer"] = True
+    elif params.get("torch_adam", "auto") == "auto":
         # DeepSpeedCPUAdam handles offload. Otherwise torch's AdamW: the trainable part (VPG, adapters)
         # is small, so a fused kernel gains nothing measurable, and no op is JIT-built at start-up (on
         # GPUs FusedAdam's build needs nvcc, and DeepSpeed 0.19.8 fails to parse the 'sm_90a' entry of

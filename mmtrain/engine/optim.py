@@ -40,6 +40,20 @@ def build_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any
     return groups
 
 
+def build_optimizer_args(groups: list[dict[str, Any]], cfg: OptimConfig) -> dict[str, Any]:
+    """`deepspeed.initialize` keywords: the groups for DeepSpeed's AdamW (from the JSON), or, for
+    `adamw8bit`, bitsandbytes' AdamW8bit built here (8-bit moments; small tensors stay 32-bit)."""
+    if cfg.name == "adamw":
+        return {"model_parameters": groups}
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        raise RuntimeError(f"optim.name=adamw8bit needs bitsandbytes (pip install -r requirements.txt): {exc}") from None
+    optimizer = bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                    weight_decay=cfg.weight_decay)
+    return {"optimizer": optimizer}
+
+
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
     """Multiplier of the base LR for the update at 0-based optimizer step `step`."""
     if step < cfg.warmup_steps:

@@ -30,7 +30,7 @@ from mmtrain.engine.checkpoint import load_checkpoint, resolve_resume, save_chec
 from mmtrain.engine.distributed import DistEnv, init_distributed
 from mmtrain.engine.ds_config import fill_ds_config, load_ds_json, zero_stage
 from mmtrain.engine.metrics import MetricsLog, local_parameter_report, peak_memory
-from mmtrain.engine.optim import build_param_groups, lr_factor, scheduler_factory
+from mmtrain.engine.optim import build_optimizer_args, build_param_groups, lr_factor, scheduler_factory
 from mmtrain.models import build_vlm, format_parameter_table, load_init_weights, parameter_table
 from mmtrain.utils.io import atomic_write_json, atomic_write_text
 
@@ -79,6 +79,9 @@ class Trainer:
         self.ds_config = fill_ds_config(load_ds_json(ds_path), cfg, self.world_size, _llm_hidden_size(cfg),
                                         source=ds_path)
         self.zero_stage = zero_stage(self.ds_config)
+        if cfg.model.llm.quantization != "none" and self.zero_stage == 3:
+            raise ValueError(f"model.llm.quantization={cfg.model.llm.quantization}: ZeRO-3 cannot partition "
+                             f"bitsandbytes-quantised weights; use a ZeRO-1/2 config ({ds_path} is stage 3)")
 
         llm_context = self._zero3_construction() if self.zero_stage == 3 else contextlib.nullcontext()
         model, self.tokenizer, self.attn_implementation = build_vlm(cfg.model, DTYPES[cfg.precision], llm_context)
@@ -102,8 +105,8 @@ class Trainer:
             move_buffers(model, torch.device("cuda", self.dist.local_rank))
         groups = build_param_groups(model, cfg.optim)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=groups, config=self.ds_config,
-            lr_scheduler=scheduler_factory(cfg.optim, cfg.max_steps),
+            model=model, config=self.ds_config, lr_scheduler=scheduler_factory(cfg.optim, cfg.max_steps),
+            **build_optimizer_args(groups, cfg.optim),
         )
         self.model = self.engine.module
         self.metrics = MetricsLog(self.output_dir, self.is_main)

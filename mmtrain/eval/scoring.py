@@ -21,7 +21,8 @@ def build_dataset(em: EvalModel, samples: list[Sample]) -> VLMDataset:
     """Samples encoded exactly as in training (same template, image transform and visual tokens)."""
     data = em.cfg.data
     return VLMDataset(samples, em.tokenizer, em.model.vision.image_transform, tuple(em.model.vision.image_shape),
-                      get_template(data.template), em.model.num_image_tokens, data.max_length, bad_samples="error")
+                      get_template(data.template), em.model.num_image_tokens, data.max_length, bad_samples="error",
+                      no_image_text=data.no_image_text)
 
 
 def _gather(local: list[tuple[int, Any]], em: EvalModel, total: int) -> list[Any]:

@@ -14,11 +14,11 @@ import torch
 
 from mmtrain.config.schema import ModelConfig
 from mmtrain.models.attention import resolve_attn_implementation
-from mmtrain.models.llm import build_llm, load_tokenizer
+from mmtrain.models.llm import attach_llm_adapters, build_llm, load_tokenizer
 from mmtrain.models.projector import build_projector
 from mmtrain.models.resampler import build_resampler
 from mmtrain.models.trainability import apply_trainability
-from mmtrain.models.vision import build_vision_tower
+from mmtrain.models.vision import attach_vision_adapters, build_vision_tower
 from mmtrain.models.vlm import VisionLanguageModel
 
 
@@ -26,26 +26,36 @@ def build_vlm(
     cfg: ModelConfig,
     dtype: torch.dtype = torch.float32,
     llm_context: ContextManager | None = None,
+    with_tokenizer: bool = True,
 ):
     """Build the VLM and tokenizer; trainability applied.
+
+    Args:
+        with_tokenizer: False builds the model alone (the tokenizer is then None), e.g. on the meta
+            device for parameter counts.
 
     Returns:
         (model, tokenizer, attn_implementation)
     """
     attn = resolve_attn_implementation(cfg.llm.attn_implementation)
-    tokenizer = load_tokenizer(cfg.llm)
+    tokenizer = load_tokenizer(cfg.llm) if with_tokenizer else None
     torch.manual_seed(cfg.init_seed)
     vision = build_vision_tower(cfg.vision, attn)
     resampler = build_resampler(vision.out_dim, cfg.resampler)
     with llm_context or contextlib.nullcontext():
         llm = build_llm(cfg.llm, attn, dtype)
-    if len(tokenizer) > llm.vocab_size:
+    if tokenizer is not None and len(tokenizer) > llm.vocab_size:
         raise ValueError(
             f"the tokenizer has {len(tokenizer)} tokens but the LLM's vocabulary has {llm.vocab_size}: "
             "model.llm.tokenizer does not belong to this LLM"
         )
     torch.manual_seed(cfg.init_seed + 1)
     projector = build_projector(resampler.out_dim, llm.hidden_size, cfg.projector)
+    # Adapters are built here, seeded and outside the ZeRO-3 construction context (see attach_llm_adapters).
+    torch.manual_seed(cfg.init_seed + 2)
+    if cfg.vision.adapter is not None:
+        attach_vision_adapters(vision, cfg.vision.adapter)
+    attach_llm_adapters(llm, cfg.llm)
     model = VisionLanguageModel(vision, resampler, projector, llm)
     apply_trainability(model, cfg)
     return model, tokenizer, attn

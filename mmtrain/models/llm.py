@@ -1,7 +1,7 @@
 """Language-model wrappers: one interface for the VLM, whatever the LM's architecture.
 
 The VLM only needs `embed(input_ids)`, `forward(inputs_embeds, attention_mask, labels)`,
-`hidden_size` and `is_encoder_decoder`. Decoder-only causal LMs (Llama, Qwen2, OPT...) are
+`hidden_size` and `is_encoder_decoder` (plus `has_image` when the LM has an MMA modality token). Decoder-only causal LMs (Llama, Qwen2, OPT...) are
 `CausalLM`; an encoder-decoder wrapper (T5/BART: visual tokens into the encoder input, text out of
 the decoder) implements the same interface with `is_encoder_decoder = True`.
 
@@ -28,6 +28,7 @@ class LanguageModel(nn.Module):
     is_encoder_decoder: bool = False
     hidden_size: int
     vocab_size: int
+    # Instances may carry `modality`, an MMA `ModalityToken`; their forward methods then take `has_image`.
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -62,15 +63,25 @@ class CausalLM(LanguageModel):
         self.hidden_size = model.config.hidden_size
         self.vocab_size = model.config.vocab_size
         self.target_only_loss = model.config.model_type in TARGET_ONLY_LOSS_TYPES
+        self.modality: nn.Module | None = None
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
 
-    def forward(self, inputs_embeds, attention_mask, labels=None):
+    def _inputs(self, inputs_embeds, attention_mask, labels, has_image) -> tuple[dict, torch.Tensor | None]:
+        """Model keyword arguments (the modality token prepended when there is one) and the labels."""
+        if self.modality is None:
+            return {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask}, labels
+        if has_image is None:  # the LLM used on its own (text perplexity): text-only inputs
+            has_image = torch.zeros(inputs_embeds.shape[0], dtype=torch.bool, device=inputs_embeds.device)
+        embeds, mask, positions, labels = self.modality.prepend(inputs_embeds, attention_mask, has_image, labels)
+        return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}, labels
+
+    def forward(self, inputs_embeds, attention_mask, labels=None, has_image=None):
+        inputs, labels = self._inputs(inputs_embeds, attention_mask, labels, has_image)
         if labels is None or not self.target_only_loss:
-            return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
-        hidden = self.model.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                          use_cache=False).last_hidden_state
+            return self.model(**inputs, labels=labels, use_cache=False)
+        hidden = self.model.get_decoder()(**inputs, use_cache=False).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         logits = self.model.get_output_embeddings()(hidden[:, :-1][keep]).float()
@@ -80,20 +91,20 @@ class CausalLM(LanguageModel):
             loss = F.cross_entropy(logits, targets[keep])
         return CausalLMOutputWithPast(loss=loss, logits=None)
 
-    def target_logprobs(self, inputs_embeds, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    def target_logprobs(self, inputs_embeds, attention_mask, labels, has_image=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per sample: the summed log-probability of its target tokens, and how many there are ([B], [B]).
 
         The LM head runs on target positions only, as in the training loss.
         """
+        inputs, labels = self._inputs(inputs_embeds, attention_mask, labels, has_image)
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         sums = torch.zeros(labels.shape[0], dtype=torch.float64, device=labels.device)
         if self.target_only_loss:
-            hidden = self.model.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                              use_cache=False).last_hidden_state
+            hidden = self.model.get_decoder()(**inputs, use_cache=False).last_hidden_state
             logits = self.model.get_output_embeddings()(hidden[:, :-1][keep]).float()
         else:  # architectures with logit soft-capping or scaling: the model's own logits
-            out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
+            out = self.model(**inputs, use_cache=False)
             logits = out.logits[:, :-1][keep].float()
         if logits.shape[0]:
             picked = torch.log_softmax(logits, dim=-1).gather(1, targets[keep].unsqueeze(1)).squeeze(1)
@@ -101,7 +112,11 @@ class CausalLM(LanguageModel):
             sums.index_add_(0, rows, picked.double())
         return sums, keep.sum(dim=1)
 
-    def generate(self, inputs_embeds, attention_mask, max_new_tokens, eos_token_id, pad_token_id, synced_ranks=False):
+    def generate(self, inputs_embeds, attention_mask, max_new_tokens, eos_token_id, pad_token_id, synced_ranks=False,
+                 has_image=None):
+        if self.modality is not None:
+            inputs, _ = self._inputs(inputs_embeds, attention_mask, None, has_image)
+            return greedy_with_custom_mask(self.model, inputs, max_new_tokens, eos_token_id, pad_token_id, synced_ranks)
         # From embeddings, Hugging Face's generate returns only the new tokens.
         return self.model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, do_sample=False,
                                    max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
@@ -117,34 +132,82 @@ class CausalLM(LanguageModel):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def build_llm(cfg: LLMConfig, attn_implementation: str, dtype: torch.dtype = torch.float32) -> LanguageModel:
-    """Load the LM named by `cfg.name_or_path` (or build it randomly from `cfg.config`)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def resolve_llm_config(cfg: LLMConfig):
+    """The transformers config of `cfg.name_or_path`, or one built from the `cfg.config` dict."""
+    from transformers import AutoConfig
 
     if cfg.name_or_path and cfg.config:
         raise ValueError("model.llm: set either `name_or_path` or `config`, not both")
     if cfg.name_or_path:
-        config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
-    elif cfg.config:
+        return AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+    if cfg.config:
         params = dict(cfg.config)
         model_type = params.pop("model_type", None)
         if model_type is None:
             raise ValueError("model.llm.config needs a `model_type` (e.g. llama)")
-        config = AutoConfig.for_model(model_type, **params)
-    else:
-        raise ValueError("model.llm: set `name_or_path` (HF name or folder) or `config` (a dict)")
+        return AutoConfig.for_model(model_type, **params)
+    raise ValueError("model.llm: set `name_or_path` (HF name or folder) or `config` (a dict)")
+
+
+def build_llm(cfg: LLMConfig, attn_implementation: str, dtype: torch.dtype = torch.float32) -> LanguageModel:
+    """Load the LM named by `cfg.name_or_path` (or build it randomly from `cfg.config`).
+
+    Decoder-only LMs become `CausalLM`, encoder-decoder ones (T5, BART) `Seq2SeqLM`. Adapters
+    (`cfg.adapter`, `cfg.lora`) are attached later, by `attach_llm_adapters`, outside any ZeRO-3
+    construction context.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from mmtrain.models.quantization import quantization_kwargs
+
+    config = resolve_llm_config(cfg)
     if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(
-            f"model.llm: {config.model_type} is an encoder-decoder LM; this version trains decoder-only "
-            "LMs (AutoModelForCausalLM). Use a causal LM such as Llama, Qwen2 or OPT."
-        )
+        from mmtrain.models.seq2seq import build_seq2seq_llm
+
+        if cfg.adapter is not None:
+            raise ValueError("model.llm.adapter: MMA adapters attach to decoder-only LMs; for "
+                             f"{config.model_type} use model.llm.vl_pet")
+        return build_seq2seq_llm(config, cfg, attn_implementation, dtype, attach_vl_pet=False)
+    if cfg.vl_pet is not None:
+        raise ValueError(f"model.llm.vl_pet needs an encoder-decoder LM (T5, BART); {config.model_type} is "
+                         "decoder-only (use model.llm.adapter for MMA adapters, or model.llm.lora)")
     kwargs = dict(attn_implementation=attn_implementation, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    kwargs.update(quantization_kwargs(cfg, dtype))
     if cfg.name_or_path:
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=config, **kwargs)
     else:
         model = AutoModelForCausalLM.from_config(config, **kwargs)
     mark_translator(model)
     return CausalLM(model)
+
+
+def attach_llm_adapters(llm: LanguageModel, cfg: LLMConfig) -> None:
+    """Attach the LLM's MMA adapters (and modality token), VL-PET or LoRA, as `cfg` asks.
+
+    Called after the LLM is built and outside ZeRO-3's construction context: modules created inside
+    it are partitioned before their own initialisation runs, which would lose the zero init.
+    """
+    if cfg.adapter is not None and cfg.lora is not None:
+        raise ValueError("model.llm: choose one of `adapter` (MMA) and `lora`, not both")
+    if cfg.adapter is not None:
+        from mmtrain.models.mma import ModalityToken, attach_adapters
+        from mmtrain.models.trainability import mark_adapter
+
+        llm.adapters = attach_adapters(decoder_layers(llm.model), llm.hidden_size, cfg.adapter)
+        wants_token = cfg.adapter.modality_token
+        if wants_token is None:
+            wants_token = cfg.adapter.kind == "router"
+        if wants_token:
+            if llm.model.config._attn_implementation == "flash_attention_2":
+                raise ValueError("model.llm.adapter.modality_token needs a custom attention mask, which "
+                                 "flash-attn cannot take: set model.llm.attn_implementation: sdpa")
+            llm.modality = mark_adapter(ModalityToken(llm.hidden_size))
+    if cfg.vl_pet is not None:
+        llm.attach_vl_pet(cfg.vl_pet)
+    if cfg.lora is not None:
+        from mmtrain.models.lora import attach_lora
+
+        attach_lora(llm.model, cfg.lora)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -186,3 +249,47 @@ def load_tokenizer(cfg: LLMConfig):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+@torch.no_grad()
+def greedy_with_custom_mask(model: nn.Module, inputs: dict, max_new_tokens: int, eos_token_id: int | list[int],
+                            pad_token_id: int, synced_ranks: bool = False) -> torch.Tensor:
+    """Greedy decoding (KV cache) from prompt inputs that carry their own 4-D additive mask and
+    position ids (Hugging Face's `generate` cannot extend a custom mask). Each new token sees what
+    the prompt's last token saw, plus the tokens generated before it. Returns the new ids [B, n]."""
+    from transformers import DynamicCache
+
+    embeds, mask, positions = inputs["inputs_embeds"], inputs["attention_mask"], inputs["position_ids"]
+    eos = torch.tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=embeds.device)
+    row = mask[:, :, -1:, :]
+    position = positions[:, -1:]
+    cache = DynamicCache()  # filled in place by each forward
+    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                logits_to_keep=1)
+    done = torch.zeros(embeds.shape[0], dtype=torch.bool, device=embeds.device)
+    tokens: list[torch.Tensor] = []
+    for _ in range(max_new_tokens):
+        next_ids = torch.where(done, torch.full_like(done, pad_token_id, dtype=torch.long),
+                               out.logits[:, -1].argmax(dim=-1))
+        tokens.append(next_ids)
+        done |= torch.isin(next_ids, eos)
+        if _all_ranks_done(done, synced_ranks) or len(tokens) == max_new_tokens:
+            break
+        row = torch.cat([row, torch.zeros_like(row[..., :1])], dim=-1)
+        position = position + 1
+        out = model(inputs_embeds=model.get_input_embeddings()(next_ids).unsqueeze(1), attention_mask=row,
+                    position_ids=position, cache=cache, use_cache=True)
+    if not tokens:
+        return torch.zeros(embeds.shape[0], 0, dtype=torch.long, device=embeds.device)
+    return torch.stack(tokens, dim=1)
+
+
+def _all_ranks_done(done: torch.Tensor, synced_ranks: bool) -> bool:
+    """Whether every sample is finished, on every rank when ranks must step together (ZeRO-3)."""
+    if not synced_ranks:
+        return bool(done.all())
+    import torch.distributed as dist
+
+    pending = torch.tensor([0.0 if bool(done.all()) else 1.0], device=done.device)
+    dist.all_reduce(pending)
+    return pending.item() == 0.0

@@ -20,11 +20,15 @@ class LinearProjector(nn.Linear):
     """y = W x + b into the LLM width."""
 
 
-class MLPProjector(nn.Sequential):
-    """Linear -> GELU -> Linear into the LLM width."""
+ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU}
 
-    def __init__(self, in_dim: int, out_dim: int) -> None:
-        super().__init__(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+class MLPProjector(nn.Sequential):
+    """Linear -> activation -> Linear into the LLM width (hidden width: the LLM's, unless given)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int | None = None, activation: str = "gelu") -> None:
+        hidden = hidden or out_dim
+        super().__init__(nn.Linear(in_dim, hidden), ACTIVATIONS[activation](), nn.Linear(hidden, out_dim))
 
 
 class _ImageBoundaries:
@@ -55,13 +59,16 @@ class BoundedLinearProjector(_ImageBoundaries, LinearProjector):
 class BoundedMLPProjector(_ImageBoundaries, MLPProjector):
     """`MLPProjector` with begin/end-of-image embeddings."""
 
-    def __init__(self, in_dim: int, out_dim: int) -> None:
-        super().__init__(in_dim, out_dim)
+    def __init__(self, in_dim: int, out_dim: int, hidden: int | None = None, activation: str = "gelu") -> None:
+        super().__init__(in_dim, out_dim, hidden, activation)
         self._init_boundaries(out_dim)
 
 
 def build_projector(in_dim: int, out_dim: int, cfg: ProjectorConfig) -> nn.Module:
     """The projector named by `cfg.kind` (with begin/end-of-image embeddings if `cfg.image_boundaries`)."""
     if cfg.kind == "linear":
+        if cfg.hidden_size is not None or cfg.activation != "gelu":
+            raise ValueError("model.projector.hidden_size/activation apply to kind: mlp only")
         return (BoundedLinearProjector if cfg.image_boundaries else LinearProjector)(in_dim, out_dim)
-    return (BoundedMLPProjector if cfg.image_boundaries else MLPProjector)(in_dim, out_dim)
+    return (BoundedMLPProjector if cfg.image_boundaries else MLPProjector)(in_dim, out_dim, cfg.hidden_size,
+                                                                           cfg.activation)

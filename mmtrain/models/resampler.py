@@ -1,4 +1,4 @@
-"""Visual prompt generators: a Q-Former-style query resampler and a per-token MLP.
+"""Visual prompt generators: a Q-Former-style query resampler, a per-token MLP, or none (identity).
 
 The Q-Former resampler has N learned queries that self-attend and cross-attend to the tower's
 features for a few layers, so the LLM always sees N visual tokens whatever the image size.
@@ -98,6 +98,20 @@ class MLPResampler(nn.Module):
         return self.mlp(feats)
 
 
+class IdentityResampler(nn.Module):
+    """No resampler: the tower's tokens go straight to the projector (LaVIN's visual path)."""
+
+    def __init__(self, in_dim: int, cfg: ResamplerConfig) -> None:
+        super().__init__()
+        self.out_dim = in_dim
+
+    def num_output_tokens(self, in_tokens: int) -> int:
+        return in_tokens
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return feats
+
+
 def build_resampler(in_dim: int, cfg: ResamplerConfig) -> nn.Module:
     """The resampler named by `cfg.kind`."""
-    return {"qformer": QFormerResampler, "mlp": MLPResampler}[cfg.kind](in_dim, cfg)
+    return {"qformer": QFormerResampler, "mlp": MLPResampler, "identity": IdentityResampler}[cfg.kind](in_dim, cfg)

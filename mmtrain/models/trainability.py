@@ -6,6 +6,7 @@ methods attach such modules); everything else in that component stays frozen.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from mmtrain.config.schema import ModelConfig
@@ -54,7 +55,11 @@ def apply_trainability(vlm: nn.Module, cfg: ModelConfig) -> None:
 
 
 def numel(p: nn.Parameter) -> int:
-    """Full element count, also for ZeRO-3 partitioned parameters (whose .numel() is 0)."""
+    """Full element count, also for ZeRO-3 partitioned parameters (whose .numel() is 0) and
+    bitsandbytes 4-bit weights (two values packed per byte)."""
+    quant_state = getattr(p, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        return int(torch.Size(quant_state.shape).numel())
     return int(getattr(p, "ds_numel", p.numel()))
 
 

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from mmtrain.config.schema import VisionConfig
+from mmtrain.config.schema import AdapterConfig, VisionConfig
 
 VisionBuilder = Callable[[VisionConfig, str], "VisionTower"]
 VISION_TOWERS: dict[str, VisionBuilder] = {}
@@ -57,11 +57,12 @@ class VisionTower(nn.Module):
 class HFVisionTower(VisionTower):
     """Any Hugging Face vision encoder; features from one hidden state, CLS optionally dropped."""
 
-    def __init__(self, model: nn.Module, processor, feature_layer: int, drop_cls: bool) -> None:
+    def __init__(self, model: nn.Module, processor, feature_layer: int, drop_cls: bool, cls_every: int = 0) -> None:
         super().__init__()
         self.model = model
         self.processor = processor
         self.feature_layer = feature_layer
+        self.cls_every = cls_every
         config = model.config
         size = getattr(config, "image_size", 224)
         self.image_shape = (getattr(config, "num_channels", 3), size, size)
@@ -73,12 +74,26 @@ class HFVisionTower(VisionTower):
             probe = self._hidden(torch.zeros(1, *self.image_shape))
         self._has_cls = self._num_patches is not None and probe.shape[1] == self._num_patches + 1
         self.num_tokens = probe.shape[1] - (1 if (self._has_cls and drop_cls) else 0)
+        if cls_every:
+            depth = len(self.blocks())
+            if not self._has_cls or not 0 < cls_every <= depth:
+                raise ValueError(f"model.vision.cls_every={cls_every} needs a tower with a CLS token and at most "
+                                 f"{depth} blocks between picks ({type(model).__name__} has "
+                                 f"{'a' if self._has_cls else 'no'} CLS token, {depth} blocks)")
+            self.num_tokens = depth // cls_every
 
     def _hidden(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=pixel_values, output_hidden_states=True)
         return out.hidden_states[self.feature_layer]
 
+    def _cls_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """LaVIN's visual tokens: the CLS token after every `cls_every`-th block ([B, depth // k, D])."""
+        states = self.model(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+        return torch.stack([states[i][:, 0] for i in range(self.cls_every, len(states), self.cls_every)], dim=1)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.cls_every:
+            return self._cls_tokens(pixel_values)
         feats = self._hidden(pixel_values)
         if self._has_cls and self._drop_cls:
             feats = feats[:, 1:]
@@ -127,7 +142,18 @@ def build_hf_tower(cfg: VisionConfig, attn_implementation: str) -> HFVisionTower
         raise ValueError("model.vision: set `name_or_path` (HF name or folder) or `config` (a dict)")
     if hasattr(model, "vision_model") and hasattr(model.config, "vision_config"):
         model = model.vision_model  # a dual encoder (CLIP/SigLIP): keep the image side only
-    return HFVisionTower(model, processor, cfg.feature_layer, cfg.drop_cls)
+    return HFVisionTower(model, processor, cfg.feature_layer, cfg.drop_cls, cfg.cls_every)
+
+
+def attach_vision_adapters(tower: VisionTower, cfg: AdapterConfig):
+    """MMA adapters before self-attention in every block of a transformer tower; the routers read
+    each sample's CLS token (position 0)."""
+    from mmtrain.models.mma import attach_adapters
+
+    if not isinstance(tower, HFVisionTower):
+        raise ValueError(f"model.vision.adapter: MMA adapters go before self-attention in transformer blocks; "
+                         f"the {type(tower).__name__} tower has none (use a Hugging Face ViT, kind: hf)")
+    return attach_adapters(tower.blocks(), tower.model.config.hidden_size, cfg)
 
 
 # Other tower families register themselves on import; keep this last (they import this module).

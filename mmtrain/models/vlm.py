@@ -96,13 +96,17 @@ class VisionLanguageModel(nn.Module):
     ):
         """Returns the LLM's output (`.loss` when labels are given, `.logits`)."""
         embeds = self.embed_inputs(input_ids, pixel_values, has_image, image_mask)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **self._modality(has_image))
+
+    def _modality(self, has_image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`has_image` for an LLM with an MMA modality token (which it selects), else nothing."""
+        return {"has_image": has_image} if getattr(self.llm, "modality", None) is not None else {}
 
     @torch.no_grad()
     def target_logprobs(self, input_ids, attention_mask, pixel_values, has_image, image_mask, labels, **_: object):
         """Per sample: summed log-probability of the target tokens and their count ([B], [B])."""
         embeds = self.embed_inputs(input_ids, pixel_values, has_image, image_mask)
-        return self.llm.target_logprobs(embeds, attention_mask, labels)
+        return self.llm.target_logprobs(embeds, attention_mask, labels, **self._modality(has_image))
 
     @torch.no_grad()
     def generate(
@@ -124,4 +128,5 @@ class VisionLanguageModel(nn.Module):
                 each forward gathers parameters collectively.
         """
         embeds = self.embed_inputs(input_ids, pixel_values, has_image, image_mask)
-        return self.llm.generate(embeds, attention_mask, max_new_tokens, eos_token_id, pad_token_id, synced_ranks)
+        return self.llm.generate(embeds, attention_mask, max_new_tokens, eos_token_id, pad_token_id, synced_ranks,
+                                 **self._modality(has_image))

@@ -1,0 +1,44 @@
+"""bitsandbytes loading of a frozen LLM in 8 or 4 bits (LaVIN's "lite" mode), on CPU or CUDA.
+
+Only the LLM's linear layers are quantised (embeddings, norms and the LM head stay in the run's
+dtype); the quantised weights never train. ZeRO-3 cannot partition quantised tensors, so the
+trainer refuses that combination.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mmtrain.config.schema import LLMConfig
+
+
+def quantization_kwargs(cfg: LLMConfig, dtype: torch.dtype) -> dict:
+    """Extra `from_pretrained` arguments for `cfg.quantization` (none when it is `none`)."""
+    if cfg.quantization == "none":
+        return {}
+    if not cfg.name_or_path:
+        raise ValueError("model.llm.quantization quantises pretrained weights: set model.llm.name_or_path")
+    if cfg.trainable == "full":
+        raise ValueError("model.llm.quantization: a quantised LLM cannot be trained in full "
+                         "(use trainable: frozen or adapters)")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError(f"model.llm.quantization needs bitsandbytes (pip install -r requirements.txt): {exc}") from None
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "8bit":
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head"])
+    else:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
+                                    bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=["lm_head"])
+    return {"quantization_config": config, "device_map": {"": _device()}}
+
+
+def _device() -> str | int:
+    """Where bitsandbytes puts the weights: this rank's GPU, or the CPU."""
+    import os
+
+    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu":
+        return int(os.environ.get("LOCAL_RANK", "0"))
+    return "cpu"
