@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.common import run_mmtrain as run  # noqa: E402
 RESULTS = REPO / "benchmarks" / "results"
 RUNS = REPO / "runs" / "grafting"
 ASSETS = ["tuxpaint", "mobilenetv2", "smollm2-135m", "prose"]
@@ -44,14 +43,6 @@ FROZEN_AFTER_TRAINABLE = 2
 """A frozen module behind a trainable one: forward + the backward for its input gradients."""
 TRAINABLE = 3
 """Forward + input-gradient backward + weight-gradient backward."""
-
-
-def run(args: list[str]) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    print("==> mmtrain " + " ".join(args), flush=True)
-    proc = subprocess.run([sys.executable, "-m", "mmtrain", *args], cwd=REPO, env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"mmtrain {' '.join(args)} failed ({proc.returncode})")
 
 
 def prepare(target: str, early_cut: int | None) -> dict:

@@ -85,3 +85,16 @@ def save_json(obj: Any, name: str) -> Path:
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def run_mmtrain(args: list[str]) -> None:
+    """`python -m mmtrain ARGS` from the repository root; exits naming the command if it fails."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    print("==> mmtrain " + " ".join(args), flush=True)
+    proc = subprocess.run([sys.executable, "-m", "mmtrain", *args], cwd=REPO, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"mmtrain {' '.join(args)} failed ({proc.returncode})")

@@ -60,12 +60,13 @@ def _text_problems(
     max_length: int | None,
     template: PromptTemplate,
     num_image_tokens: int,
+    no_image_text: str | None = None,
 ) -> list[str]:
     try:
         if tokenizer is None:
             validate_sample(sample)
             return []
-        length = len(template.encode(sample, tokenizer, num_image_tokens))
+        length = len(template.encode(sample, tokenizer, num_image_tokens, no_image_text=no_image_text))
     except BadSampleError as error:
         return [error.reason]
     if max_length is not None and length > max_length:
@@ -95,6 +96,7 @@ def check_manifest(
     template: str = "plain",
     num_image_tokens: int = 0,
     num_workers: int = 8,
+    no_image_text: str | None = None,
 ) -> CheckReport:
     """Validates every sample of a manifest and reports all problems found.
 
@@ -108,6 +110,7 @@ def check_manifest(
         template: Prompt template name used for encoding.
         num_image_tokens: Positions an image takes in the sequence.
         num_workers: Threads decoding images.
+        no_image_text: Text standing in for the image of text-only samples (`data.no_image_text`).
 
     Returns:
         The report.
@@ -147,7 +150,8 @@ def check_manifest(
                     report.problems.append((item.line, item.reason))
                     continue
                 # Tokenizers are not safe to share between threads, so texts are checked here.
-                reasons = _text_problems(item, tokenizer, max_length, prompt_template, num_image_tokens)
+                reasons = _text_problems(item, tokenizer, max_length, prompt_template, num_image_tokens,
+                                         no_image_text)
                 reasons += next(image_results)
                 report.problems.extend((item.line, reason) for reason in reasons)
                 report.num_ok += not reasons
@@ -173,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, help="longest allowed sample in tokens (needs --tokenizer)")
     parser.add_argument("--template", default="plain", choices=sorted(TEMPLATES), help="prompt template")
     parser.add_argument("--num-image-tokens", type=int, default=0, help="sequence positions an image takes")
+    parser.add_argument("--no-image-text", help="text standing in for the image of text-only samples "
+                        "(data.no_image_text, e.g. 'Image: N/A')")
     args = parser.parse_args(argv)
     if args.max_length is not None and args.tokenizer is None:
         parser.error("--max-length needs --tokenizer")
@@ -183,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             max_length=args.max_length,
             template=args.template,
             num_image_tokens=args.num_image_tokens,
+            no_image_text=args.no_image_text,
         )
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

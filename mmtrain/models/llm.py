@@ -23,11 +23,12 @@ IGNORE_INDEX = -100
 
 
 class LanguageModel(nn.Module):
-    """Interface the VLM relies on."""
+    """Interface the VLM relies on; subclasses wrap a Hugging Face model as `self.model`."""
 
     is_encoder_decoder: bool = False
     hidden_size: int
     vocab_size: int
+    model: nn.Module
     # Instances may carry `modality`, an MMA `ModalityToken`; their forward methods then take `has_image`.
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -37,7 +38,12 @@ class LanguageModel(nn.Module):
         raise NotImplementedError
 
     def enable_gradient_checkpointing(self) -> None:
-        raise NotImplementedError
+        # Non-reentrant: works with a frozen LM whose inputs (the visual embeddings) need grads.
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def generate(self, inputs_embeds, attention_mask, max_new_tokens, eos_token_id, pad_token_id, synced_ranks=False):
         """Greedy decoding from left-padded prompt embeddings; returns the new token ids."""
@@ -123,14 +129,6 @@ class CausalLM(LanguageModel):
                                    pad_token_id=pad_token_id, synced_gpus=synced_ranks, num_beams=1,
                                    temperature=None, top_p=None, top_k=None)
 
-    def enable_gradient_checkpointing(self) -> None:
-        # Non-reentrant: works with a frozen LM whose inputs (the visual embeddings) need grads.
-        kwargs = {"use_reentrant": False}
-        if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5 name
-            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
 
 def resolve_llm_config(cfg: LLMConfig):
     """The transformers config of `cfg.name_or_path`, or one built from the `cfg.config` dict."""
@@ -199,8 +197,10 @@ def attach_llm_adapters(llm: LanguageModel, cfg: LLMConfig) -> None:
             wants_token = cfg.adapter.kind == "router"
         if wants_token:
             if llm.model.config._attn_implementation == "flash_attention_2":
-                raise ValueError("model.llm.adapter.modality_token needs a custom attention mask, which "
-                                 "flash-attn cannot take: set model.llm.attn_implementation: sdpa")
+                if cfg.attn_implementation == "flash_attention_2":
+                    raise ValueError("model.llm.adapter.modality_token needs a custom attention mask, which "
+                                     "flash-attn cannot take: set model.llm.attn_implementation: sdpa (or auto)")
+                llm.model.set_attn_implementation("sdpa")  # `auto` picked flash-attn: take the next best
             llm.modality = mark_adapter(ModalityToken(llm.hidden_size))
     if cfg.vl_pet is not None:
         llm.attach_vl_pet(cfg.vl_pet)

@@ -164,14 +164,6 @@ class Seq2SeqLM(LanguageModel):
                                   **_GREEDY)
         return out[:, 1:]
 
-    def enable_gradient_checkpointing(self) -> None:
-        # Non-reentrant: works with a frozen LM whose inputs (the visual embeddings) need grads.
-        kwargs = {"use_reentrant": False}
-        if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5 name
-            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
 
 def build_seq2seq_llm(config, cfg: LLMConfig, attn_implementation: str, dtype: torch.dtype = torch.float32,
                       *, attach_vl_pet: bool = True) -> Seq2SeqLM:

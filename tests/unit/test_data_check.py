@@ -96,3 +96,20 @@ def test_main_exit_codes(tmp_path: Path, tokenizer_dir: Path, capsys: pytest.Cap
     assert main([str(clean), "--tokenizer", str(tmp_path / "no-tokenizer")]) == 2
     with pytest.raises(SystemExit):
         main([str(clean), "--max-length", "5"])
+
+
+def test_length_check_counts_the_no_image_text(tmp_path: Path, tokenizer_dir: Path) -> None:
+    manifest = tmp_path / "text.jsonl"
+    manifest.write_text(json.dumps({"conversations": [{"from": "human", "value": "What is it?"},
+                                                      {"from": "gpt", "value": "a blue square."}]}) + "\n")
+    plain = check_manifest(manifest, tokenizer=tokenizer_dir, max_length=1000)
+    from transformers import AutoTokenizer
+
+    from mmtrain.data.templates import get_template
+    from mmtrain.data.manifest import read_manifest
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    length = len(get_template("plain").encode(read_manifest(manifest)[0], tokenizer, 0))
+    assert plain.ok and check_manifest(manifest, tokenizer=tokenizer_dir, max_length=length).ok
+    report = check_manifest(manifest, tokenizer=tokenizer_dir, max_length=length, no_image_text="Image: N/A\n")
+    assert not report.ok and "text longer than the context" in report.problems[0][1]
