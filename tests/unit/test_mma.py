@@ -237,7 +237,7 @@ def test_vlm_with_router_adapters_in_tower_and_llm(tiny_assets, tmp_path):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed <= trainable
     assert any(CHILD_NAME in n and n.startswith("vision.") for n in changed)
