@@ -124,7 +124,7 @@ class ProjectorConfig:
 
 @dataclass
 class LLMConfig:
-    """The language model: a Hugging Face causal LM, loaded frozen by default."""
+    """The language model: a Hugging Face causal LM (or an encoder-decoder LM: T5, BART), frozen by default."""
 
     name_or_path: str | None = None
     config: dict[str, Any] | None = None

@@ -1,9 +1,9 @@
 """Language-model wrappers: one interface for the VLM, whatever the LM's architecture.
 
 The VLM only needs `embed(input_ids)`, `forward(inputs_embeds, attention_mask, labels)`,
-`hidden_size` and `is_encoder_decoder` (plus `has_image` when the LM has an MMA modality token). Decoder-only causal LMs (Llama, Qwen2, OPT...) are
-`CausalLM`; an encoder-decoder wrapper (T5/BART: visual tokens into the encoder input, text out of
-the decoder) implements the same interface with `is_encoder_decoder = True`.
+`hidden_size` and `is_encoder_decoder` (plus `has_image` when the LM has an MMA modality token).
+Decoder-only causal LMs (Llama, Qwen2, OPT...) are `CausalLM`; encoder-decoder LMs (T5/BART: visual
+tokens into the encoder input, text out of the decoder) are `Seq2SeqLM` (`mmtrain/models/seq2seq.py`).
 
 Under ZeRO-3 the caller keeps a `HfDeepSpeedConfig` alive while this module is built, so
 `from_pretrained`/`from_config` construct the weights inside `deepspeed.zero.Init` (partitioned
