@@ -48,7 +48,9 @@ class VLPETConfig:
     gate: Literal["large", "middle_x", "middle_y", "small", "none"] = "large"
     """Granularity of the gate G: large (N x d), middle_x (N x 1), middle_y (1 x d), small (1 x 1)."""
     rank: int | None = None
-    """Bottleneck width r of the modules and the value adapters (default: 96 BART, 192 T5)."""
+    """Bottleneck width r of the encoder modules (default: 96 BART, 192 T5)."""
+    value_rank: int | None = None
+    """Bottleneck width of the decoder's value adapters (default: `rank`; the official T5 script: 96)."""
     heads: int = 4
     """Heads N_h of the multi-head down-projection (each d -> r / N_h)."""
     gate_rank: int = 96

@@ -337,13 +337,13 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("LayerNorm")
 
 
-def attach_vl_pet(model: nn.Module, cfg: VLPETConfig, *, value_rank: int | None = None) -> AttachedVLPET:
+def attach_vl_pet(model: nn.Module, cfg: VLPETConfig) -> AttachedVLPET:
     """Attach VL-PET to a Hugging Face T5 / BART seq2seq LM and flag what it trains.
 
     Args:
         model: e.g. `T5ForConditionalGeneration` or `BartForConditionalGeneration`.
-        cfg: granularity, rank (None: the model type's default), heads, gate rank and scale.
-        value_rank: rank of the decoder value adapters (default: the modules' rank r).
+        cfg: granularity, rank (None: the model type's default), value-adapter rank (None: the
+            same), heads, gate rank and scale.
 
     Returns:
         The handle; its modules are flagged with `mark_adapter` (as are the encoder LayerNorms
@@ -393,7 +393,7 @@ def attach_vl_pet(model: nn.Module, cfg: VLPETConfig, *, value_rank: int | None 
         for layer in _decoder_layers(model, family):
             cross = _require(layer, "encoder_attn" if family == "bart" else "layer.1.EncDecAttention", model_type)
             proj = _require(cross, "v_proj" if family == "bart" else "v", model_type)
-            adapter = _like(ValueAdapter(proj.in_features, proj.out_features, value_rank or rank), proj)
+            adapter = _like(ValueAdapter(proj.in_features, proj.out_features, cfg.value_rank or rank), proj)
             add(cross, "vl_pet_value", adapter)
             attached.handles.append(proj.register_forward_hook(_value_hook(adapter)))
         if cfg.train_encoder_norms:
