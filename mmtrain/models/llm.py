@@ -191,7 +191,8 @@ def attach_llm_adapters(llm: LanguageModel, cfg: LLMConfig) -> None:
         from mmtrain.models.mma import ModalityToken, attach_adapters
         from mmtrain.models.trainability import mark_adapter
 
-        llm.adapters = attach_adapters(decoder_layers(llm.model), llm.hidden_size, cfg.adapter)
+        llm.adapters = attach_adapters(decoder_layers(llm.model), llm.hidden_size, cfg.adapter,
+                                       key="model.llm.adapter")
         wants_token = cfg.adapter.modality_token
         if wants_token is None:
             wants_token = cfg.adapter.kind == "router"

@@ -36,12 +36,14 @@ class RouterAdapter(nn.Module):
     plain adapter `x + scale * B z` of the ablation.
     """
 
-    def __init__(self, dim: int, cfg: AdapterConfig, router: bool = True) -> None:
+    def __init__(self, dim: int, cfg: AdapterConfig, router: bool = True, key: str = "adapter") -> None:
         super().__init__()
         if cfg.bottleneck % cfg.groups:
-            raise ValueError(f"adapter.bottleneck={cfg.bottleneck} is not divisible by adapter.groups={cfg.groups}")
+            raise ValueError(f"{key}.bottleneck={cfg.bottleneck} is not divisible by {key}.groups={cfg.groups}; "
+                             "make the bottleneck a multiple of the groups")
         if dim % cfg.groups:
-            raise ValueError(f"the model width {dim} is not divisible by adapter.groups={cfg.groups}")
+            raise ValueError(f"the model width {dim} is not divisible by {key}.groups={cfg.groups}; choose "
+                             "groups that divide it")
         self.down = nn.Conv1d(dim, cfg.bottleneck, 1)
         self.up = nn.Conv1d(cfg.bottleneck, dim, 1, groups=cfg.groups)
         self.up_alt = nn.Conv1d(cfg.bottleneck, dim, 1, groups=cfg.groups) if router else None
@@ -109,14 +111,16 @@ def _apply_adapter(adapter: RouterAdapter):
     return hook
 
 
-def attach_adapters(blocks: list[nn.Module] | nn.ModuleList, dim: int, cfg: AdapterConfig) -> AttachedAdapters:
-    """One adapter (flagged for `trainable: adapters`) before self-attention in every block."""
+def attach_adapters(blocks: list[nn.Module] | nn.ModuleList, dim: int, cfg: AdapterConfig,
+                    key: str = "adapter") -> AttachedAdapters:
+    """One adapter (flagged for `trainable: adapters`) before self-attention in every block;
+    `key` (e.g. `model.llm.adapter`) names the config section in error messages."""
     attached = AttachedAdapters(list(blocks))
     for block in attached.blocks:
         if hasattr(block, CHILD_NAME):
-            raise ValueError(f"{type(block).__name__} already has an MMA adapter")
+            raise ValueError(f"{key}: {type(block).__name__} already has an MMA adapter (attached twice)")
         norm = pre_attention_norm(block)
-        adapter = mark_adapter(RouterAdapter(dim, cfg, router=cfg.kind == "router"))
+        adapter = mark_adapter(RouterAdapter(dim, cfg, router=cfg.kind == "router", key=key))
         block.add_module(CHILD_NAME, adapter)
         attached.handles.append(norm.register_forward_hook(_apply_adapter(adapter)))
     return attached

@@ -153,7 +153,7 @@ def attach_vision_adapters(tower: VisionTower, cfg: AdapterConfig):
     if not isinstance(tower, HFVisionTower):
         raise ValueError(f"model.vision.adapter: MMA adapters go before self-attention in transformer blocks; "
                          f"the {type(tower).__name__} tower has none (use a Hugging Face ViT, kind: hf)")
-    return attach_adapters(tower.blocks(), tower.model.config.hidden_size, cfg)
+    return attach_adapters(tower.blocks(), tower.model.config.hidden_size, cfg, key="model.vision.adapter")
 
 
 # Other tower families register themselves on import; keep this last (they import this module).
