@@ -1,5 +1,5 @@
 # make demo   set up everything and run the main job
-# make test   set up everything and run the tests
+# make test   set up everything (a local SLURM cluster included) and run the tests
 # The virtualenv lives under the cache so every clone on a machine shares it and the DeepSpeed
 # C++ ops JIT-built into ~/.cache/torch_extensions stay valid (they record absolute paths).
 MMTRAIN_CACHE ?= $(HOME)/.cache/mmtrain
@@ -7,7 +7,7 @@ VENV ?= $(MMTRAIN_CACHE)/venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmtrain-deps-$(shell cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-12)
 
-.PHONY: setup assets test test-fast demo tiny tiny-data clean
+.PHONY: setup assets slurm-up slurm-down test test-fast demo tiny tiny-data clean
 
 setup: $(STAMP)
 	@$(PY) -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
@@ -34,7 +34,15 @@ demo: assets
 tiny: tiny-data
 	$(PY) -m mmtrain.train configs/tiny.yaml --set checkpoint.resume=never
 
-test: setup
+# A real one-node SLURM cluster (munge, MariaDB + slurmdbd, slurmctld, slurmd, 4 fake GPUs) for the
+# SLURM tests; installs the Debian packages the first time. Needs root.
+slurm-up:
+	bash tools/slurm/cluster-up.sh
+
+slurm-down:
+	bash tools/slurm/cluster-down.sh
+
+test: setup slurm-up
 	$(PY) -m pytest -q -ra
 
 test-fast: setup

@@ -1,4 +1,4 @@
-"""The `mmtrain` console command: train, run (pipelines), eval, assets and data check."""
+"""The `mmtrain` console command: train, run (pipelines), eval, submit/status (SLURM), cost, assets, data check."""
 
 from __future__ import annotations
 
@@ -14,6 +14,10 @@ commands:
   transfer converter|merge|speedup ...      VPGTrans: word converter, projector merge, speed-up report
   surrogate trajectory|build ...            LLM surrogates: logit-lens trajectory (the cut), streamed build
   params CONFIG.yaml [--set KEY=VALUE ...]  trainable/frozen parameters per component (meta device, no weights)
+  submit RECIPE.yaml [--dry-run] [...]      submit the stages as SLURM jobs (afterok chains, job arrays)
+  status RUN [--wait S]                     the SLURM jobs of a submitted run and their states
+  cost RUN [--baseline RUN] [...]           GPU-hours, MFU and money per stage (ledger + sacct)
+  cost estimate RECIPE --gpus N --gpu-type T   predict GPU-hours and per-GPU memory before submitting
   assets list | prepare [NAME ...]          fetch, verify and cache the real offline assets
   data check MANIFEST [options]             validate a JSONL manifest before training
 """
@@ -51,6 +55,18 @@ def main(argv: list[str] | None = None) -> int:
         from mmtrain.models.counting import main as params_main
 
         return params_main(rest, prog="mmtrain params")
+    if command == "submit":
+        from mmtrain.slurm.cli import submit_main
+
+        return submit_main(rest, prog="mmtrain submit")
+    if command == "status":
+        from mmtrain.slurm.cli import status_main
+
+        return status_main(rest, prog="mmtrain status")
+    if command == "cost":
+        from mmtrain.cost.cli import main as cost_main
+
+        return cost_main(rest, prog="mmtrain cost")
     if command == "assets":
         from mmtrain.assets.cli import main as assets_main
 

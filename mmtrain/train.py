@@ -24,6 +24,9 @@ def build_parser(prog: str = "python -m mmtrain.train") -> argparse.ArgumentPars
 
 def main(argv: list[str] | None = None, prog: str = "python -m mmtrain.train") -> int:
     args = build_parser(prog).parse_args(argv)
+    from mmtrain.engine.preemption import EXIT_REQUEUE, StopRequest
+
+    stop_request = StopRequest().install()  # before the slow imports: a warning signal is never lost
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
@@ -36,7 +39,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m mmtrain.train") -
     from mmtrain.transfer.converter import ConverterError
 
     try:
-        Trainer(cfg).fit()
+        trainer = Trainer(cfg, stop_request)
+        trainer.fit()
+        if trainer.stopped_by_signal:
+            print(f"stopped by {trainer.stop_request.name or 'a stop signal'} after checkpointing; "
+                  f"exit {EXIT_REQUEUE}: requeue or rerun to resume", file=sys.stderr)
+            return EXIT_REQUEUE
     except (BadSampleError, ManifestError, DeepSpeedConfigError, IncompatibleCheckpointError, ConverterError,
             FileNotFoundError) as exc:
         # The user's input is at fault: say what and where, without a traceback.

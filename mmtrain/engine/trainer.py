@@ -25,12 +25,15 @@ import torch
 
 import mmtrain
 from mmtrain.config import RunConfig, dump_config, to_dict
+from mmtrain.cost.ledger import LEDGER_FILE, Ledger
+from mmtrain.cost.usage import AttemptUsage
 from mmtrain.engine.accelerator import move_buffers, on_cpu, release_large_frees_to_os
 from mmtrain.engine.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from mmtrain.engine.distributed import DistEnv, init_distributed
 from mmtrain.engine.ds_config import fill_ds_config, load_ds_json, zero_stage
 from mmtrain.engine.metrics import MetricsLog, local_parameter_report, peak_memory
 from mmtrain.engine.optim import build_optimizer_args, build_param_groups, lr_factor, scheduler_factory
+from mmtrain.engine.preemption import StopRequest
 from mmtrain.models import build_vlm, format_parameter_table, load_init_weights, parameter_table
 from mmtrain.utils.io import atomic_write_json, atomic_write_text
 
@@ -55,7 +58,9 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
 class Trainer:
     """One training run described by a RunConfig; `fit()` trains to `max_steps` (or `stop_after_steps`)."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, stop_request: StopRequest | None = None) -> None:
+        """Build everything and resume. `stop_request`: one installed earlier by the caller, so that a stop
+        signal arriving during start-up is not lost (default: installed here)."""
         import deepspeed
 
         self.cfg = cfg
@@ -63,6 +68,9 @@ class Trainer:
         self._cpu_started = time.process_time()
         self._eval_seconds = self._eval_cpu_seconds = 0.0
         self._compute_before = self._cpu_before = 0.0  # earlier invocations' (a resumed run)
+        self.usage = AttemptUsage(start_step=0)
+        self.stop_request = stop_request or StopRequest().install()  # a scheduler's warning: checkpoint, exit
+        self.stopped_by_signal = False
         if on_cpu():
             release_large_frees_to_os()
         self.dist: DistEnv = init_distributed()
@@ -72,6 +80,9 @@ class Trainer:
         if cfg.precision == "fp16" and on_cpu():
             raise ValueError("precision=fp16 needs a GPU; on CPU use fp32 (bf16 works but is far slower there)")
         self.output_dir = Path(cfg.output_dir)
+        self.ledger = Ledger.from_env(self.output_dir / LEDGER_FILE, default_stage=self.output_dir.name)
+        self.ledger.write("process_start", kind="train", rank=self.rank, world_size=self.world_size,
+                          output_dir=str(self.output_dir))
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.output_dir / "config.yaml")
@@ -128,6 +139,8 @@ class Trainer:
         if self.is_main:
             atomic_write_text(self.output_dir / "params.txt", table + "\n")
             atomic_write_json(self.output_dir / "run_info.json", self._run_info(resume_from))
+        self.usage.start_step = self.usage.step = self.start_step
+        self.flops_model = None
 
     @contextlib.contextmanager
     def _zero3_construction(self):
@@ -170,7 +183,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
-        """Train until max_steps (or stop_after_steps); returns the last logged record."""
+        """Train until max_steps (or stop_after_steps, or a stop signal); returns the last logged record.
+
+        Every rank appends its `process_end` to the ledger, also when training fails.
+        """
+        outcome = "failed"
+        try:
+            record = self._fit()
+            outcome = ("preempted" if self.stopped_by_signal
+                       else "completed" if self.usage.step >= self.cfg.max_steps else "stopped")
+            return record
+        finally:
+            self.stop_request.uninstall()
+            self._write_process_end(outcome)
+
+    def _fit(self) -> dict[str, Any]:
         from tqdm import tqdm
 
         import deepspeed.comm as dist
@@ -186,16 +213,23 @@ class Trainer:
         record: dict[str, Any] = {}
         last_saved = self.start_step
         step = self.start_step
+        self.usage.begin_loop()
         while step < end:
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             tokens = 0
             samples = 0
+            images = 0
             lrs_used = self._group_lrs() if (step + 1) % cfg.log_every == 0 or step + 1 == end else None
             for micro in range(gas):
                 batch = next(batches)
                 tokens += int(batch["attention_mask"].sum())  # counted on the host copy: no device sync
                 samples += int(batch["input_ids"].shape[0])
+                images += int(batch["has_image"].sum())
+                if self.flops_model is None:
+                    counting_started = time.perf_counter()
+                    self.flops_model = self._count_flops(batch)
+                    self.usage.move_to_startup(time.perf_counter() - counting_started)
                 torch.manual_seed(step_seed(cfg.seed, step, micro, self.rank))
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 loss = self.engine(**batch).loss
@@ -204,12 +238,18 @@ class Trainer:
                 loss_sum += loss.detach().double()
             step += 1
             # One collective and one host sync per optimizer step; on the device (NCCL needs it there).
-            totals = torch.stack([loss_sum, loss_sum.new_tensor(float(tokens)), loss_sum.new_tensor(float(samples))])
+            # It also carries the stop flag, so every rank stops after the same step.
+            totals = torch.stack([loss_sum, loss_sum.new_tensor(float(tokens)), loss_sum.new_tensor(float(samples)),
+                                  loss_sum.new_tensor(float(images)),
+                                  loss_sum.new_tensor(1.0 if self.stop_request.requested else 0.0)])
             dist.all_reduce(totals)
             totals = totals.cpu()
             step_time = time.perf_counter() - t0
             self.tokens_seen += int(totals[1])
             self.samples_seen += int(totals[2])
+            step_flops = self.flops_model.step(float(totals[1]), float(totals[3])) if self.flops_model else 0.0
+            self.usage.end_step(step, int(totals[2]), int(totals[1]), int(totals[3]), step_flops)
+            stop = bool(totals[4] > 0)
             if step % cfg.log_every == 0 or step == end:
                 record = {
                     "step": step,
@@ -230,12 +270,22 @@ class Trainer:
                 self.metrics.log(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
             bar.update(1)
+            if stop:
+                self.stopped_by_signal = True
+                log.warning("stop signal (%s) received: checkpointing at step %d and exiting for a requeue",
+                            self.stop_request.name or "on another rank", step)
+                break
             if self.val_dataset is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < end:
                 self.evaluate(step)
             if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step < end:
                 self.save(step)
                 last_saved = step
         bar.close()
+        if self.stopped_by_signal:
+            if step > last_saved:
+                self.save(step)
+            self._write_rank_report()
+            return record
         if step > last_saved:
             if self.val_dataset is not None:
                 self.evaluate(step)
@@ -275,6 +325,7 @@ class Trainer:
         result = validation_loss(self.engine, self.val_dataset, self.collator, self.cfg.micro_batch_size,
                                  self.rank, self.world_size)
         self._eval_seconds += time.perf_counter() - started
+        self.usage.eval_s += time.perf_counter() - started
         self._eval_cpu_seconds += time.process_time() - cpu_started
         record = {"step": step, **result, "samples": self.samples_seen,
                   "epoch": self.samples_seen / len(self.dataset), "compute_s": self.compute_seconds(),
@@ -284,11 +335,44 @@ class Trainer:
         return record
 
     def save(self, step: int) -> Path:
+        """Write a checkpoint (collective); rank 0 then records in the ledger what it keeps."""
+        started = time.perf_counter()
         state = {"global_step": step, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
                  "compute_s": self.compute_seconds(), "cpu_s": self.cpu_seconds()}
         path = save_checkpoint(self.engine, self.output_dir, step, state, self.cfg.checkpoint.keep_last)
+        self.usage.checkpoint_s += time.perf_counter() - started
         log.info("saved checkpoint %s", path)
+        if self.is_main:
+            self.ledger.write("checkpoint", rank=self.rank, world_size=self.world_size, step=step,
+                              checkpoint_s=round(self.usage.checkpoint_s, 3), **self.usage.counters())
         return path
+
+    def _count_flops(self, batch: dict[str, torch.Tensor]):
+        """The FLOPs model of this VLM at the first batch's mean sequence length (collective under ZeRO-3)."""
+        from mmtrain.cost.flops import step_flops_model
+
+        length = int(batch["attention_mask"].sum()) // max(int(batch["input_ids"].shape[0]), 1)
+        self.engine.eval()  # no dropout draws, no BatchNorm statistics updated: training is unaffected
+        try:
+            flops = step_flops_model(self.model, length, self.cfg.gradient_checkpointing, device=self.engine.device)
+        except Exception as exc:  # an estimate must never stop training
+            log.warning("could not count the model's FLOPs (%s: %s); the ledger records 0 FLOPs",
+                        type(exc).__name__, exc)
+            return False
+        finally:
+            self.engine.train()
+        if self.is_main:
+            log.info("FLOPs per image %s, per token %.4g (multipliers %s)",
+                     {k: f"{v:.4g}" for k, v in flops.forward.items() if k != "llm"}, flops.forward["llm"],
+                     flops.multipliers)
+        return flops
+
+    def _write_process_end(self, outcome: str) -> None:
+        self.ledger.write("process_end", kind="train", rank=self.rank, world_size=self.world_size, outcome=outcome,
+                          signal=self.stop_request.name or None, max_steps=self.cfg.max_steps,
+                          precision=self.cfg.precision, zero_stage=self.zero_stage,
+                          flops_model=self.flops_model.as_dict() if self.flops_model else None,
+                          **self.usage.counters(), timing=self.usage.times(), memory=peak_memory())
 
     # ------------------------------------------------------------------ records
     def _write_rank_report(self) -> None:

@@ -33,6 +33,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                         help="move this stage's folder and all later ones aside, then rerun them")
     parser.add_argument("--output-dir", metavar="DIR", help="run in DIR instead of the recipe's output_dir")
     parser.add_argument("--plan", action="store_true", help="print the stages, their folders and state; run nothing")
+    parser.add_argument("--srun", action="store_true",
+                        help="inside a SLURM job (what `mmtrain submit` runs): start every process as an srun "
+                             "step with the job's tasks (SLURM_NTASKS ranks) instead of the recipe's launcher")
     return parser
 
 
@@ -49,6 +52,8 @@ def main(argv: list[str] | None = None, prog: str = "mmtrain run") -> int:
         for name in (args.stage, args.restart_from):
             if name is not None:
                 pipeline.stage(name)
+        if args.srun:
+            use_srun(pipeline)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -67,6 +72,20 @@ def main(argv: list[str] | None = None, prog: str = "mmtrain run") -> int:
     except TerminatedBySignal as exc:
         print(f"stopped by signal {exc.signum}; run the same command again to resume", file=sys.stderr)
         return 128 + exc.signum
+
+
+def use_srun(pipeline) -> None:
+    """Run every stage's processes as steps of the current SLURM allocation, one per task."""
+    import os
+
+    from mmtrain.pipeline.recipe import LaunchConfig
+
+    tasks = os.environ.get("SLURM_NTASKS")
+    if not tasks or not tasks.isdigit():
+        raise ConfigError("--srun: not inside a SLURM job (SLURM_NTASKS is unset); submit with `mmtrain submit` "
+                          "or drop --srun to use the recipe's launcher")
+    for stage in pipeline.stages:
+        stage.launch = LaunchConfig(nprocs=int(tasks), launcher="srun")
 
 
 class TerminatedBySignal(BaseException):

@@ -2,7 +2,8 @@
 
 Every command is a plain argument list, so it can be shown (`--plan`), logged, run here, or later
 written into a batch script. One process runs as `python -m MODULE ...`; several run under the
-DeepSpeed launcher (`deepspeed --num_gpus N --master_port P --module MODULE ...`) or torchrun.
+DeepSpeed launcher (`deepspeed --num_gpus N --master_port P --module MODULE ...`) or torchrun, or as a
+step of the SLURM allocation the pipeline runs in (`srun --ntasks N python -m MODULE ...`).
 Launchers are started through the running interpreter (`python -m deepspeed.launcher.runner`,
 `python -m torch.distributed.run`) so that they use the same environment as the pipeline.
 """
@@ -31,6 +32,10 @@ def launcher_prefix(launch: LaunchConfig, port: int | str | None = None, python:
     `python -m mmtrain eval` takes a command word first; ranks come from the environment.
     """
     python = python or sys.executable
+    if launch.launcher == "srun":  # a step of the allocation this runs in; ranks from SLURM variables
+        port = port if port is not None else free_port()
+        return ["srun", f"--ntasks={launch.nprocs}", "--kill-on-bad-exit=1", f"--export=ALL,MASTER_PORT={port}",
+                python, "-m"]
     if launch.nprocs == 1:
         return [python, "-m"]
     port = port if port is not None else free_port()
@@ -89,3 +94,13 @@ def _scalar(value: Any) -> str:
     if value is True or value is False:
         return "true" if value else "false"
     return "null" if value is None else str(value)
+
+
+def rendezvous_port(command: list[str]) -> str | None:
+    """The rendezvous port a launcher command uses (to clean up after it), or None."""
+    if "--master_port" in command:
+        return command[command.index("--master_port") + 1]
+    for arg in command:
+        if arg.startswith("--export=ALL,MASTER_PORT="):
+            return arg.rsplit("=", 1)[1]
+    return None

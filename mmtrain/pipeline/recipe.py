@@ -47,7 +47,9 @@ class LaunchConfig:
 
     nprocs: int = 1
     """1 = one plain `python -m mmtrain.train` process; N > 1 = N processes under `launcher` on this node."""
-    launcher: Literal["deepspeed", "torchrun"] = "deepspeed"
+    launcher: Literal["deepspeed", "torchrun", "srun"] = "deepspeed"
+    """`srun`: the processes are a step of the SLURM allocation the pipeline runs in (`mmtrain submit`
+    sets it), even when nprocs is 1, so that the scheduler's signals reach them."""
 
 
 @dataclass
@@ -88,6 +90,8 @@ class StageSpec:
     evals: list[dict[str, Any]] = field(default_factory=list)
     launch: dict[str, Any] | None = None
     """Overrides of the recipe's `launch` for this stage, e.g. `{nprocs: 8}`."""
+    slurm: dict[str, Any] | None = None
+    """Overrides of the recipe's `slurm` options for this stage's job, e.g. `{time: "04:00:00", nodes: 2}`."""
 
 
 @dataclass
@@ -99,6 +103,9 @@ class RecipeSpec:
     defaults: str | dict[str, Any] | None = None
     """The run config every stage starts from: a YAML file (relative to the recipe) or an inline mapping."""
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    slurm: dict[str, Any] = field(default_factory=dict)
+    """Job options for `mmtrain submit` (mmtrain/slurm/options.py lists them): partition, account,
+    qos, time, nodes, gpus_per_node, gpu_type, ..."""
     stages: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -117,6 +124,8 @@ class Stage:
     requires: list[str]
     """Stages whose final checkpoints this stage's `init` reads (directly, or through frozen modules)."""
     inherit: list[InheritSpec]
+    slurm: dict[str, Any] = field(default_factory=dict)
+    """The recipe's `slurm` options with this stage's merged over them (validated by mmtrain.slurm)."""
 
     @property
     def final_checkpoint(self) -> Path:
@@ -205,8 +214,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, output_dir
         init, requires = _inherited_init(path, where, inherits, stages, names)
         config.init = config.init + init
         evals = _parse_evals(path, where, stage_spec.evals)
+        slurm = {**spec.slurm, **(stage_spec.slurm or {})}
         stages.append(Stage(index=index, name=stage_spec.name, folder=folder, config=config, launch=launch,
-                            evals=evals, requires=requires, inherit=inherits))
+                            evals=evals, requires=requires, inherit=inherits, slurm=slurm))
     return Pipeline(name=spec.name, recipe_path=path, recipe_text=text, output_dir=output_dir, stages=stages,
                     overrides=list(overrides or []))
 

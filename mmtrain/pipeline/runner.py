@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import TextIO
 
 from mmtrain.config.loader import dump_config
-from mmtrain.pipeline.commands import eval_command, train_command
+from mmtrain.cost.ledger import ENV_LEDGER, ENV_VARIANT, LEDGER_FILE, Ledger, new_attempt_id, slurm_job
+from mmtrain.engine.preemption import EXIT_REQUEUE
+from mmtrain.pipeline.commands import eval_command, rendezvous_port, train_command
 from mmtrain.pipeline.recipe import Pipeline, Stage
 from mmtrain.pipeline.state import (
     STAGE_FILE,
@@ -40,6 +42,9 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_STOPPED = 3
 """A stage ended at `stop_after_steps`, before `max_steps`: run again to continue it."""
+OUTCOMES = {0: "done", EXIT_FAILED: "failed", EXIT_STOPPED: "stopped", EXIT_REQUEUE: "preempted"}
+# Return codes of a subprocess stopped by the scheduler's signals (directly, through a shell or srun).
+_SIGNALLED = {-10, -15, 128 + 10, 128 + 15, 10, 15}
 
 
 class PipelineError(RuntimeError):
@@ -99,16 +104,73 @@ def run_pipeline(pipeline: Pipeline, only: str | None = None, restart_from: str 
 
 
 def run_stage(pipeline: Pipeline, stage: Stage, out: TextIO) -> int:
-    """Train one stage (resuming if it has checkpoints), run its evals, write its stage.json."""
+    """Train one stage (resuming if it has checkpoints), run its evals, write its stage.json.
+
+    The attempt is recorded in the run's ledger (`stage_start`, a `task` per subprocess,
+    `stage_end`). Under SLURM, a stage stopped by the scheduler's warning signal requeues its job
+    (it resumes from the checkpoint written on the signal), and a failed stage cancels the jobs
+    that wait for it.
+    """
     tag = f"[{stage.index}/{len(pipeline.stages)}] {stage.name}"
+    ledger = stage_ledger(pipeline, stage)
+    started = time.monotonic()
+    ledger.write("stage_start", nprocs=stage.launch.nprocs, launcher=stage.launch.launcher,
+                 step=latest_step(stage.folder), max_steps=stage.config.max_steps, folder=str(stage.folder))
+    code: int | None = None
     try:
         with stage_lock(stage.folder):
-            return _run_stage_locked(pipeline, stage, tag, out)
+            code = _run_stage_locked(pipeline, stage, tag, out, ledger)
     except StageBusyError as exc:
+        code = EXIT_FAILED
         raise PipelineError(f"stage {stage.name}: {exc}; wait for it to end", EXIT_FAILED) from None
+    finally:
+        record = read_json(stage.folder / STAGE_FILE) or {}
+        ledger.write("stage_end", outcome=OUTCOMES.get(code, "failed") if code is not None else "interrupted",
+                     returncode=code, wall_s=round(time.monotonic() - started, 3), step=latest_step(stage.folder),
+                     message=record.get("message") if code == EXIT_FAILED else None)
+    if code == EXIT_REQUEUE:
+        _requeue(stage, out)
+    elif code == EXIT_FAILED:
+        _cancel_dependents(stage, out)
+    return code
 
 
-def _run_stage_locked(pipeline: Pipeline, stage: Stage, tag: str, out: TextIO) -> int:
+def stage_ledger(pipeline: Pipeline, stage: Stage) -> Ledger:
+    """A new attempt of `stage` in the run's ledger (MMTRAIN_LEDGER, set by submitted jobs, or the run folder's)."""
+    path = Path(os.environ.get(ENV_LEDGER) or pipeline.output_dir / LEDGER_FILE)
+    job = slurm_job()
+    if job["gpus"] is None and not job["job_id"]:
+        job["gpus"] = stage.launch.nprocs  # a local run: one device (or CPU process) per rank
+    return Ledger(path=path, run=path.parent.name, stage=stage.name, attempt=new_attempt_id(),
+                  variant=os.environ.get(ENV_VARIANT) or None, job=job)
+
+
+def _requeue(stage: Stage, out: TextIO) -> None:
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        print(f"stage {stage.name} stopped on a signal after checkpointing; run again to resume it",
+              file=sys.stderr, flush=True)
+        return
+    print(f"stage {stage.name} stopped on a signal after checkpointing: requeueing job {job_id}", file=out, flush=True)
+    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f"error: scontrol requeue {job_id} failed: {result.stderr.strip()}; resubmit the stage to resume "
+              f"(mmtrain submit ... --stage {stage.name})", file=sys.stderr, flush=True)
+
+
+def _cancel_dependents(stage: Stage, out: TextIO) -> None:
+    submit_dir = os.environ.get("MMTRAIN_SUBMIT_DIR")
+    if not submit_dir or not os.environ.get("SLURM_JOB_ID"):
+        return
+    from mmtrain.slurm.submit import cancel_dependents
+
+    cancelled = cancel_dependents(submit_dir, stage.name, os.environ.get("SLURM_ARRAY_TASK_ID"))
+    if cancelled:
+        print(f"stage {stage.name} failed: cancelled the jobs waiting for it: {', '.join(cancelled)}",
+              file=sys.stderr, flush=True)
+
+
+def _run_stage_locked(pipeline: Pipeline, stage: Stage, tag: str, out: TextIO, ledger: Ledger) -> int:
     folder = stage.folder
     close_dangling_attempts(folder)
     (folder / STAGE_FILE).unlink(missing_ok=True)  # not done until this run says so
@@ -124,8 +186,10 @@ def _run_stage_locked(pipeline: Pipeline, stage: Stage, tag: str, out: TextIO) -
         start = "from scratch" if step is None else f"resuming from step {step}"
         print(f"==> {tag}: training to step {max_steps} ({start}) in {folder}", file=out, flush=True)
         command = train_command(stage)
-        code = run_logged(command, folder / "logs" / "train.log", folder, "train", out)
+        code = run_logged(command, folder / "logs" / "train.log", folder, "train", out, ledger, stage.launch.nprocs)
         step = latest_step(folder)
+        if code == EXIT_REQUEUE or (code in _SIGNALLED and step is not None):
+            return EXIT_REQUEUE
         if code != 0:
             return _fail(pipeline, stage, f"training exited with code {code}", folder / "logs" / "train.log")
         if step != max_steps:
@@ -150,7 +214,10 @@ def _run_stage_locked(pipeline: Pipeline, stage: Stage, tag: str, out: TextIO) -
         except ValueError as exc:
             return _fail(pipeline, stage, f"eval {spec.name}: {exc}", None)
         print(f"==> {tag}: eval {spec.name} on {data}", file=out, flush=True)
-        code = run_logged(eval_command(stage, spec, data=data), log, folder, f"eval:{spec.name}", out)
+        code = run_logged(eval_command(stage, spec, data=data), log, folder, f"eval:{spec.name}", out, ledger,
+                          stage.launch.nprocs)
+        if code in _SIGNALLED:  # the scheduler's warning during an evaluation: redo it after the requeue
+            return EXIT_REQUEUE
         if code != 0:
             return _fail(pipeline, stage, f"eval {spec.name} exited with code {code}", log)
         if read_json(result_file) is None:
@@ -183,8 +250,10 @@ def _resolve_data(data: str) -> str:
         raise ValueError(str(exc)) from None
 
 
-def run_logged(command: list[str], log: Path, folder: Path, kind: str, out: TextIO) -> int:
-    """Run `command`, copying its output to `out` and appending it to `log`; record the attempt.
+def run_logged(command: list[str], log: Path, folder: Path, kind: str, out: TextIO, ledger: Ledger | None = None,
+               nprocs: int = 1) -> int:
+    """Run `command`, copying its output to `out` and appending it to `log`; record the attempt
+    (in the stage's attempts.jsonl and, as a `task`, in the run's ledger).
 
     An interrupt (Ctrl-C, SIGTERM turned into SystemExit) stops the subprocess before re-raising.
     """
@@ -193,18 +262,22 @@ def run_logged(command: list[str], log: Path, folder: Path, kind: str, out: Text
     started = time.monotonic()
     code: int | None = None
     try:
-        code = _tee(command, log, out)
+        code = _tee(command, log, out, ledger.environment() if ledger is not None else {})
         return code
     finally:
-        if "--master_port" in command:
+        port = rendezvous_port(command)
+        if port is not None:
             from mmtrain.engine.distributed import remove_shm_allreduce_buffers
 
-            remove_shm_allreduce_buffers(command[command.index("--master_port") + 1])
-        end_attempt(folder, attempt, code, time.monotonic() - started)
+            remove_shm_allreduce_buffers(port)
+        wall = time.monotonic() - started
+        end_attempt(folder, attempt, code, wall)
+        if ledger is not None:
+            ledger.write("task", kind=kind, nprocs=nprocs, returncode=code, wall_s=round(wall, 3))
 
 
-def _tee(command: list[str], log: Path, out: TextIO) -> int:
-    env = dict(os.environ)
+def _tee(command: list[str], log: Path, out: TextIO, extra_env: dict[str, str]) -> int:
+    env = {**os.environ, **extra_env}
     env["PYTHONUNBUFFERED"] = "1"
     # The subprocess imports the same mmtrain as this process, installed or not.
     root = str(Path(__file__).resolve().parents[2])

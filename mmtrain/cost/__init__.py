@@ -1,0 +1,1 @@
+"""Cost accounting: the run ledger, FLOPs estimates, GPU-hour reports and predictions."""
