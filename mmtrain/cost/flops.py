@@ -1,7 +1,7 @@
 """Training FLOPs of a VLM step, frozen-aware: what the ledger records and the estimate predicts.
 
 Forward FLOPs are counted, not guessed: each component runs once on a dummy input of the real
-shapes (one image; one sequence of the typical length) under `torch.utils.flop_counter`, which
+shapes (one image; one sequence of the typical length) with the FLOP formulas of `torch.utils.flop_counter`, which
 counts every matmul, convolution and attention kernel. That works on real weights and on the
 meta device alike (shapes are all it needs), so a 70B configuration is counted without weights.
 
@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 PER_IMAGE = ("vision", "resampler", "projector")
 
@@ -78,60 +79,62 @@ def count_forward_flops(model: nn.Module, sequence_length: int, device: torch.de
                         dtype: torch.dtype | None = None) -> dict[str, float]:
     """Forward FLOPs of each component for one image (vision side) and per token (LLM).
 
-    Runs each component on zeros of the right shape; collective under ZeRO-3 (every rank must
-    call it, as for any forward). Parameters are marked frozen meanwhile: the counter's module
-    tracker cannot follow a trainable parameter handed from module to module under no_grad.
+    Runs each component on zeros of the right shape under no_grad; collective under ZeRO-3
+    (every rank must call it, as for any forward). Nothing about the model changes.
     """
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:
-        p.requires_grad_(False)
-    try:
-        with torch.no_grad():
-            return _count_forward_flops(model, sequence_length, device, dtype)
-    finally:
-        for p in trainable:
-            p.requires_grad_(True)
-
-
-def _count_forward_flops(model: nn.Module, sequence_length: int, device, dtype) -> dict[str, float]:
     vision = model.vision
     param = next(model.parameters())
     device = device if device is not None else param.device
     dtype = dtype if dtype is not None else param.dtype
     out: dict[str, float] = {}
-    x: Any = torch.zeros((1, *vision.image_shape), device=device, dtype=dtype)
-    for name in PER_IMAGE:
-        counter = _counter()
-        with counter:
-            x = getattr(model, name)(x)
-        out[name] = float(counter.get_total_flops())
-    length = max(int(sequence_length), 1)
-    embeds = torch.zeros((1, length, x.shape[-1]), device=device, dtype=x.dtype)
-    mask = torch.ones((1, length), dtype=torch.long, device=device)
-    extra = {"has_image": torch.ones(1, dtype=torch.bool, device=device)} if getattr(model.llm, "modality", None) else {}
-    counter = _counter()
-    with counter:
-        model.llm(inputs_embeds=embeds, attention_mask=mask, **extra)
-    out["llm"] = float(counter.get_total_flops()) / length
+    with torch.no_grad():
+        x: Any = torch.zeros((1, *vision.image_shape), device=device, dtype=dtype)
+        for name in PER_IMAGE:
+            with FlopCount() as counter:
+                x = getattr(model, name)(x)
+            out[name] = float(counter.total)
+        length = max(int(sequence_length), 1)
+        embeds = torch.zeros((1, length, x.shape[-1]), device=device, dtype=x.dtype)
+        mask = torch.ones((1, length), dtype=torch.long, device=device)
+        modality = getattr(model.llm, "modality", None)
+        extra = {"has_image": torch.ones(1, dtype=torch.bool, device=device)} if modality is not None else {}
+        with FlopCount() as counter:
+            model.llm(inputs_embeds=embeds, attention_mask=mask, **extra)
+        out["llm"] = float(counter.total) / length
     return out
 
 
-def _counter():
-    """A FLOP counter that also knows the CPU's fused attention kernel (PyTorch counts only the GPU ones)."""
-    from torch.utils.flop_counter import FlopCounterMode
+class FlopCount(TorchDispatchMode):
+    """Adds up the FLOPs of every operator PyTorch's FLOP formulas know (matmuls, convolutions, fused
+    attention), plus the CPU's fused attention kernel, which PyTorch's table lacks.
 
-    cpu_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    mapping = {cpu_attention: _attention_flops} if cpu_attention is not None else {}
-    return FlopCounterMode(display=False, custom_mapping=mapping)
+    Unlike `torch.utils.flop_counter.FlopCounterMode` it tracks no module hierarchy, so it needs no
+    autograd hooks and leaves the model (and a DeepSpeed engine's gradient hooks) untouched.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.utils.flop_counter import flop_registry
+
+        self.total = 0
+        self.formulas = dict(flop_registry)
+        cpu_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+        if cpu_attention is not None:
+            self.formulas[cpu_attention] = _attention_flops
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = self.formulas.get(func._overloadpacket)
+        if formula is not None:
+            self.total += int(formula(*args, out_val=out, **kwargs))
+        return out
 
 
 def _attention_flops(query, key, value, *args, out_val=None, **kwargs) -> int:
     from torch.utils.flop_counter import sdpa_flop_count
 
     return sdpa_flop_count(tuple(query.shape), tuple(key.shape), tuple(value.shape))
-
-
-_attention_flops._get_raw = True  # FlopCounterMode hands it the tensors themselves
 
 
 def step_flops_model(model: nn.Module, sequence_length: int, gradient_checkpointing: bool = False,

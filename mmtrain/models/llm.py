@@ -156,7 +156,7 @@ def build_llm(cfg: LLMConfig, attn_implementation: str, dtype: torch.dtype = tor
     """
     from transformers import AutoModelForCausalLM
 
-    from mmtrain.models.quantization import quantization_kwargs
+    from mmtrain.models.quantization import keep_cpu_layout, quantization_kwargs
 
     config = resolve_llm_config(cfg)
     if getattr(config, "is_encoder_decoder", False):
@@ -175,6 +175,8 @@ def build_llm(cfg: LLMConfig, attn_implementation: str, dtype: torch.dtype = tor
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=config, **kwargs)
     else:
         model = AutoModelForCausalLM.from_config(config, **kwargs)
+    if cfg.quantization != "none":
+        keep_cpu_layout(model)
     mark_translator(model)
     return CausalLM(model)
 

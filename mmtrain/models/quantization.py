@@ -42,3 +42,19 @@ def _device() -> str | int:
     if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu":
         return int(os.environ.get("LOCAL_RANK", "0"))
     return "cpu"
+
+
+def keep_cpu_layout(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel; returns how many layers.
+
+    On CPUs with AVX512-BF16, `Linear4bit` rewrites its weight in place into a CPU-only packed
+    layout the first time it runs in eval mode without gradients (a validation pass, the FLOP
+    count). Training resumed after that gets no gradient through the layer, so the adapters before
+    it receive none. Keeping the original layout costs only inference speed on such CPUs.
+    """
+    count = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count

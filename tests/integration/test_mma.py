@@ -82,7 +82,9 @@ def test_mma_checkpoint_evaluates_with_generation(mixed_zero3_run, tiny_assets):
 def test_quantised_frozen_llm_trains_adapters_with_falling_loss(tiny_assets, tmp_path, bits, optimizer):
     cfg = tiny_config(tiny_assets, tmp_path / "run", **{
         "model.llm.adapter": {"kind": "router"}, "model.llm.trainable": "adapters", "model.llm.quantization": bits,
-        "optim.name": optimizer, "optim.lr": 1e-2, "max_steps": 12, "log_every": 1, "checkpoint.save_every": 0})
+        "optim.name": optimizer, "optim.lr": 1e-2, "max_steps": 12, "log_every": 1, "checkpoint.save_every": 0,
+        # validation mid-run: eval-mode passes must leave the quantised layers trainable-through
+        "data.val": str(tiny_assets["val"]), "data.val_samples": 8, "eval_every": 4})
     proc = subprocess.run([sys.executable, "-m", "mmtrain.train", str(write_config(cfg, tmp_path / "c.yaml"))],
                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                           timeout=600)
