@@ -128,8 +128,7 @@ def _counting_config(model_cfg):
     """`model_cfg` with eager attention and no quantization.
 
     Eager: Hugging Face's SDPA mask code reads the attention mask's values (`.item()`), which meta
-    tensors do not have, and the FLOP counter knows no CPU fused-attention kernel; eager attention
-    runs the same matmuls, so the count is the same. Quantization is priced in bytes a weight (`_memory`).
+    tensors do not have; eager attention runs the same matmuls, so the count is the same. Quantization is priced in bytes a weight (`_memory`).
     """
     model_cfg = copy.deepcopy(model_cfg)
     model_cfg.llm.attn_implementation = "eager"

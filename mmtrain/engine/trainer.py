@@ -66,7 +66,7 @@ class Trainer:
         self.cfg = cfg
         self._started = time.perf_counter()
         self._cpu_started = time.process_time()
-        self._eval_seconds = self._eval_cpu_seconds = 0.0
+        self._eval_cpu_seconds = 0.0
         self._compute_before = self._cpu_before = 0.0  # earlier invocations' (a resumed run)
         self.usage = AttemptUsage(start_step=0)
         self.stop_request = stop_request or StopRequest().install()  # a scheduler's warning: checkpoint, exit
@@ -306,7 +306,7 @@ class Trainer:
     def compute_seconds(self) -> float:
         """Wall seconds this run has spent on anything but validation (setup, training, saving), over every
         invocation; times `world_size` it is the run's process-seconds (GPU-seconds on GPUs)."""
-        return self._compute_before + time.perf_counter() - self._started - self._eval_seconds
+        return self._compute_before + time.perf_counter() - self._started - self.usage.eval_s
 
     def cpu_seconds(self) -> float:
         """CPU time (all threads) of this process on the same work as `compute_seconds`, over every
@@ -324,7 +324,6 @@ class Trainer:
         started, cpu_started = time.perf_counter(), time.process_time()
         result = validation_loss(self.engine, self.val_dataset, self.collator, self.cfg.micro_batch_size,
                                  self.rank, self.world_size)
-        self._eval_seconds += time.perf_counter() - started
         self.usage.eval_s += time.perf_counter() - started
         self._eval_cpu_seconds += time.process_time() - cpu_started
         record = {"step": step, **result, "samples": self.samples_seen,
