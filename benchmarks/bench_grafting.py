@@ -75,7 +75,7 @@ def arms(prepared: dict) -> dict[str, dict]:
 # ---------------------------------------------------------------------------------------------- compute
 def llm_parameters(folder: str) -> dict[str, int]:
     """Element counts of a checkpoint's decoder layers, head and embeddings, read from the safetensors headers."""
-    from mmtrain.surrogate.build import checkpoint_tensors
+    from mmtrain.methods.grafting.build import checkpoint_tensors
 
     config = json.loads((Path(folder) / "config.json").read_text())
     counts = {"layers": 0, "head": 0, "embed": 0, "norm": 0}

@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import REPO, save_json  # noqa: E402
-from mmtrain.surrogate.stream import encode_header, read_header  # noqa: E402
+from mmtrain.methods.grafting.stream import encode_header, read_header  # noqa: E402
 
 HIDDEN, INTERMEDIATE, HEADS, VOCAB = 4096, 11008, 32, 32000
 GEN_CHUNK = 16 * 2**20

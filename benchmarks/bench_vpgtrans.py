@@ -52,7 +52,7 @@ def run_arm(name: str) -> int:
 
 
 def arm_report(name: str) -> dict | None:
-    from mmtrain.transfer.speedup import SpeedupError, read_curve, speedup_report
+    from mmtrain.methods.vpgtrans.speedup import SpeedupError, read_curve, speedup_report
 
     folder = REPO / ARMS[name][1]
     try:
@@ -70,7 +70,7 @@ def source_compute() -> tuple[float | None, float | None, str]:
     """(wall, cpu) process-seconds of training the source VPG: the re-measured copy of the vpgtrans
     recipe's source stage (`runs/vpgtrans/source-check`, run on a quiet machine) if present, else
     that stage itself."""
-    from mmtrain.transfer.speedup import stage_compute, stage_records
+    from mmtrain.methods.vpgtrans.speedup import stage_compute, stage_records
 
     for folder in (REPO / "runs/vpgtrans/source-check/01-source", REPO / ARMS["vpgtrans"][1] / "01-source"):
         if (folder / "stage.json").is_file():

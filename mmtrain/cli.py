@@ -44,11 +44,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return eval_main(rest, prog="mmtrain eval")
     if command == "transfer":
-        from mmtrain.transfer.cli import main as transfer_main
+        from mmtrain.methods.vpgtrans.cli import main as transfer_main
 
         return transfer_main(rest, prog="mmtrain transfer")
     if command == "surrogate":
-        from mmtrain.surrogate.cli import main as surrogate_main
+        from mmtrain.methods.grafting.cli import main as surrogate_main
 
         return surrogate_main(rest, prog="mmtrain surrogate")
     if command == "params":

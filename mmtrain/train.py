@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m mmtrain.train") -
     from mmtrain.engine.ds_config import DeepSpeedConfigError
     from mmtrain.engine.trainer import Trainer
     from mmtrain.models import IncompatibleCheckpointError
-    from mmtrain.transfer.converter import ConverterError
+    from mmtrain.methods.vpgtrans.converter import ConverterError
 
     try:
         trainer = Trainer(cfg, stop_request)

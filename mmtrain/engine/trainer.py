@@ -101,7 +101,7 @@ class Trainer:
             model.keep_llm_in_train_mode = True
         for source in cfg.init:
             if source.word_converter is not None:
-                from mmtrain.transfer.init import load_converted_init
+                from mmtrain.methods.vpgtrans.init import load_converted_init
 
                 names = load_converted_init(model, source, cfg, self.tokenizer, self.output_dir)
             else:

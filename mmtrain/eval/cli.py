@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None, prog: str = "mmtrain eval") -> int:
     from mmtrain.eval.loading import EvalTargetError, load_for_eval
     from mmtrain.eval.runner import EvalOptions, evaluate_manifest, format_results
     from mmtrain.models import IncompatibleCheckpointError
-    from mmtrain.surrogate.graft import GraftError
+    from mmtrain.methods.grafting.graft import GraftError
     from mmtrain.utils.io import atomic_write_json
 
     options = EvalOptions(max_samples=args.max_samples, generate=args.generate, max_new_tokens=args.max_new_tokens,

@@ -69,7 +69,7 @@ def load_for_eval(target: str | Path, deepspeed_json: str | None = None, overrid
 
     Args:
         graft_llm: zero-shot grafting: build the model on this LLM instead of the run's, and load
-            only the vision side of the run's weights (`mmtrain.surrogate.graft`).
+            only the vision side of the run's weights (`mmtrain.methods.grafting.graft`).
     """
     import json
 
@@ -83,7 +83,7 @@ def load_for_eval(target: str | Path, deepspeed_json: str | None = None, overrid
     cfg = load_config(run / "config.yaml", overrides)
     trained = InitSource(path=str(checkpoint))
     if graft_llm:
-        from mmtrain.surrogate.graft import checkpoint_source, graft_config
+        from mmtrain.methods.grafting.graft import checkpoint_source, graft_config
 
         cfg = graft_config(cfg, graft_llm)
         trained = checkpoint_source(checkpoint)
@@ -111,7 +111,7 @@ def load_for_eval(target: str | Path, deepspeed_json: str | None = None, overrid
                                     partitioned_llm() if zero3 else contextlib.nullcontext())
     for source in cfg.init:
         if source.word_converter is not None:  # VPGTrans: the converter fitted (and cached) by the run
-            from mmtrain.transfer.init import load_converted_init
+            from mmtrain.methods.vpgtrans.init import load_converted_init
 
             load_converted_init(model, source, cfg, tokenizer, run)
         else:

@@ -190,7 +190,7 @@ def attach_llm_adapters(llm: LanguageModel, cfg: LLMConfig) -> None:
     if cfg.adapter is not None and cfg.lora is not None:
         raise ValueError("model.llm: choose one of `adapter` (MMA) and `lora`, not both")
     if cfg.adapter is not None:
-        from mmtrain.models.mma import ModalityToken, attach_adapters
+        from mmtrain.methods.mma.adapters import ModalityToken, attach_adapters
         from mmtrain.models.trainability import mark_adapter
 
         llm.adapters = attach_adapters(decoder_layers(llm.model), llm.hidden_size, cfg.adapter,
@@ -208,7 +208,7 @@ def attach_llm_adapters(llm: LanguageModel, cfg: LLMConfig) -> None:
     if cfg.vl_pet is not None:
         llm.attach_vl_pet(cfg.vl_pet)
     if cfg.lora is not None:
-        from mmtrain.models.lora import attach_lora
+        from mmtrain.methods.lora.inject import attach_lora
 
         attach_lora(llm.model, cfg.lora)
 

@@ -86,8 +86,8 @@ class Seq2SeqLM(LanguageModel):
         self.vl_pet = None
 
     def attach_vl_pet(self, cfg: VLPETConfig):
-        """Attach VL-PET (see `mmtrain.models.vl_pet`); its modules and norms are flagged as adapters."""
-        from mmtrain.models.vl_pet import attach_vl_pet
+        """Attach VL-PET (see `mmtrain.methods.vl_pet.modules`); its modules and norms are flagged as adapters."""
+        from mmtrain.methods.vl_pet.modules import attach_vl_pet
 
         if self.vl_pet is not None:
             raise ValueError("VL-PET is already attached to this LM")

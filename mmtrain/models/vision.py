@@ -148,7 +148,7 @@ def build_hf_tower(cfg: VisionConfig, attn_implementation: str) -> HFVisionTower
 def attach_vision_adapters(tower: VisionTower, cfg: AdapterConfig):
     """MMA adapters before self-attention in every block of a transformer tower; the routers read
     each sample's CLS token (position 0)."""
-    from mmtrain.models.mma import attach_adapters
+    from mmtrain.methods.mma.adapters import attach_adapters
 
     if not isinstance(tower, HFVisionTower):
         raise ValueError(f"model.vision.adapter: MMA adapters go before self-attention in transformer blocks; "

@@ -26,7 +26,7 @@ TARGET_LAYERS = 5
 def grafting_run(tiny_assets, tmp_path_factory) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from mmtrain.surrogate.build import build_surrogate
+    from mmtrain.methods.grafting.build import build_surrogate
 
     root = tmp_path_factory.mktemp("grafting")
     torch.manual_seed(11)

@@ -39,7 +39,7 @@ def tiny_target(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def single(tiny_target, tmp_path_factory) -> dict:
-    from mmtrain.surrogate.trajectory import run_trajectory
+    from mmtrain.methods.grafting.trajectory import run_trajectory
 
     model, texts = tiny_target
     return run_trajectory(Namespace(model=str(model), texts=[str(texts)], out=str(tmp_path_factory.mktemp("single")),

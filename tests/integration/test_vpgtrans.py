@@ -72,8 +72,8 @@ def _records(folder: Path) -> list[dict]:
 
 
 def test_warmup_starts_from_converter_after_source_projector(vpgtrans_run, tiny_assets):
-    from mmtrain.transfer.converter import load_converter
-    from mmtrain.transfer.merge import merge_projector
+    from mmtrain.methods.vpgtrans.converter import load_converter
+    from mmtrain.methods.vpgtrans.merge import merge_projector
 
     root = vpgtrans_run
     warmup = root / "vt" / "02-warmup"
@@ -122,7 +122,7 @@ def test_warmup_lr_is_exactly_five_times_and_constant(vpgtrans_run):
 
 
 def test_curves_and_speedup_report(vpgtrans_run):
-    from mmtrain.transfer.speedup import read_curve
+    from mmtrain.methods.vpgtrans.speedup import read_curve
 
     root = vpgtrans_run
     curve = read_curve(root / "vt")
@@ -149,7 +149,7 @@ def test_converter_under_two_rank_zero3_equals_single_process(vpgtrans_run):
     out = root / "zero3"
     launch([HARNESS, str(warmup / "stage_config.yaml"), "--set", f"output_dir={out}", "max_steps=1", "eval_every=0",
             "checkpoint.resume=never", f"deepspeed={REPO / 'ds_configs' / 'zero3.json'}"], nprocs=2)
-    from mmtrain.transfer.converter import load_converter
+    from mmtrain.methods.vpgtrans.converter import load_converter
 
     sharded, _, meta = load_converter(out / "word_converter.safetensors")
     single, _, _ = load_converter(warmup / "word_converter.safetensors")

@@ -11,7 +11,7 @@ import torch
 from mmtrain.config import ModelConfig, from_dict
 from mmtrain.config.schema import InitSource, RunConfig
 from mmtrain.models import build_vlm
-from mmtrain.surrogate.graft import GraftError, check_compatible, graft_config, vision_side_sources
+from mmtrain.methods.grafting.graft import GraftError, check_compatible, graft_config, vision_side_sources
 from tests.conftest import TINY_VISION
 
 

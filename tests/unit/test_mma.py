@@ -13,7 +13,7 @@ from mmtrain.config.schema import AdapterConfig, LLMConfig, LoRAConfig
 from mmtrain.data.collate import collate
 from mmtrain.models import build_vlm
 from mmtrain.models.llm import CausalLM, attach_llm_adapters, decoder_layers
-from mmtrain.models.mma import CHILD_NAME, RouterAdapter, attach_adapters, isolated_first_token_mask
+from mmtrain.methods.mma.adapters import CHILD_NAME, RouterAdapter, attach_adapters, isolated_first_token_mask
 from tests.conftest import TINY_LLM, tiny_config, write_config
 
 

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from mmtrain.surrogate.build import SurrogateBuildError, SurrogateInfo, build_surrogate, parse_size
+from mmtrain.methods.grafting.build import SurrogateBuildError, SurrogateInfo, build_surrogate, parse_size
 
 REPO = Path(__file__).resolve().parents[2]
 LLAMA = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
@@ -273,7 +273,7 @@ def test_no_checkpoint(tmp_path):
 
 
 def test_interrupted_build_leaves_nothing(targets, tmp_path, monkeypatch):
-    import mmtrain.surrogate.stream as stream
+    import mmtrain.methods.grafting.stream as stream
 
     calls = []
     real = stream.copy_range

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmtrain.surrogate.trajectory import (
+from mmtrain.methods.grafting.trajectory import (
     DEFAULT_THRESHOLD,
     CutProposal,
     TrajectoryError,
@@ -270,7 +270,7 @@ def test_errors_are_trajectory_errors(saved_model, tmp_path, monkeypatch):
 
 
 def test_cli_reports_errors(saved_model, tmp_path, capsys):
-    from mmtrain.surrogate.cli import main
+    from mmtrain.methods.grafting.cli import main
 
     model, texts = saved_model
     assert main(["trajectory", str(tmp_path / "nope"), "--texts", str(texts)]) == 2

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from mmtrain.config.schema import WordConverterConfig
-from mmtrain.transfer.converter import (
+from mmtrain.methods.vpgtrans.converter import (
     ConverterError,
     TokenPairs,
     corpus_texts,
@@ -19,8 +19,8 @@ from mmtrain.transfer.converter import (
     pair_tokens,
     save_converter,
 )
-from mmtrain.transfer.merge import merge_checkpoint, merge_projector
-from mmtrain.transfer.speedup import SpeedupError, format_report, metric_speedup, read_curve, speedup_report
+from mmtrain.methods.vpgtrans.merge import merge_checkpoint, merge_projector
+from mmtrain.methods.vpgtrans.speedup import SpeedupError, format_report, metric_speedup, read_curve, speedup_report
 
 
 # ---------------------------------------------------------------------------------------------- merge
@@ -234,7 +234,7 @@ def test_embedding_table_is_read_from_the_checkpoint_alone(tmp_path):
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mmtrain.transfer.embeddings import EmbeddingReadError, read_embedding_table
+    from mmtrain.methods.vpgtrans.embeddings import EmbeddingReadError, read_embedding_table
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,

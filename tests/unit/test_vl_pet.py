@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForSeq2SeqLM
 from mmtrain.config.schema import LLMConfig, VLPETConfig
 from mmtrain.models.seq2seq import Seq2SeqLM, build_seq2seq_llm, pack
 from mmtrain.models.trainability import ADAPTER_FLAG, _adapter_parameters
-from mmtrain.models.vl_pet import (
+from mmtrain.methods.vl_pet.modules import (
     GATES, LargeGate, MiddleXGate, MiddleYGate, SmallGate, ValueAdapter, VLPETModule, attach_vl_pet, vl_pet_defaults,
 )
 

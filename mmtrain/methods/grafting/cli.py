@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None, prog: str = "mmtrain surrogate") -> int:
 
     args = build_parser(prog).parse_args(argv)
     if args.command == "trajectory":
-        from mmtrain.surrogate.trajectory import TrajectoryError, run_trajectory
+        from mmtrain.methods.grafting.trajectory import TrajectoryError, run_trajectory
 
         args.model = _resolve(args.model, "MODEL")
         args.texts = [_resolve(t, "--texts") for t in args.texts]
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None, prog: str = "mmtrain surrogate") -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         return 0
-    from mmtrain.surrogate.build import SurrogateBuildError, build_surrogate, parse_size
+    from mmtrain.methods.grafting.build import SurrogateBuildError, build_surrogate, parse_size
 
     try:
         info = build_surrogate(_resolve(args.target, "TARGET"), args.cut, args.out,

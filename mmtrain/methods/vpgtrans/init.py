@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from mmtrain.config.schema import InitSource, RunConfig, WordConverterConfig
-from mmtrain.transfer.converter import (
+from mmtrain.methods.vpgtrans.converter import (
     CONVERTER_FILE,
     ConverterError,
     corpus_texts,
@@ -29,7 +29,7 @@ from mmtrain.transfer.converter import (
     pair_tokens,
     save_converter,
 )
-from mmtrain.transfer.merge import PROJECTOR_KEYS, merge_projector
+from mmtrain.methods.vpgtrans.merge import PROJECTOR_KEYS, merge_projector
 from mmtrain.utils.io import atomic_write_json
 
 log = logging.getLogger("mmtrain")
@@ -79,7 +79,7 @@ def fitted_converter(model: nn.Module, settings: WordConverterConfig, cfg: RunCo
     """
     from transformers import AutoTokenizer
 
-    from mmtrain.transfer.embeddings import gathered_embedding_table, read_embedding_table
+    from mmtrain.methods.vpgtrans.embeddings import gathered_embedding_table, read_embedding_table
 
     if settings.path:
         weight, bias, _ = load_converter(settings.path)

@@ -54,8 +54,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 def _converter(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from mmtrain.transfer.converter import corpus_texts, fit_word_converter, pair_tokens, save_converter
-    from mmtrain.transfer.embeddings import read_embedding_table
+    from mmtrain.methods.vpgtrans.converter import corpus_texts, fit_word_converter, pair_tokens, save_converter
+    from mmtrain.methods.vpgtrans.embeddings import read_embedding_table
     from mmtrain.utils.io import atomic_write_json
 
     source, target = _resolve(args.source, "--source"), _resolve(args.target, "--target")
@@ -82,7 +82,7 @@ def _converter(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from mmtrain.transfer.merge import merge_checkpoint
+    from mmtrain.methods.vpgtrans.merge import merge_checkpoint
 
     shapes = merge_checkpoint(args.checkpoint, args.converter, args.out)
     print(f"wrote {args.out}: " + ", ".join(f"{k} {list(v)}" for k, v in sorted(shapes.items()) if k.startswith("projector")))
@@ -91,7 +91,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _speedup(args: argparse.Namespace) -> int:
-    from mmtrain.transfer.speedup import format_report, speedup_report
+    from mmtrain.methods.vpgtrans.speedup import format_report, speedup_report
     from mmtrain.utils.io import atomic_write_json
 
     report = speedup_report(args.vpgtrans_run, args.tfs_run, args.metric)
@@ -103,9 +103,9 @@ def _speedup(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None, prog: str = "mmtrain transfer") -> int:
-    from mmtrain.transfer.converter import ConverterError
-    from mmtrain.transfer.embeddings import EmbeddingReadError
-    from mmtrain.transfer.speedup import SpeedupError
+    from mmtrain.methods.vpgtrans.converter import ConverterError
+    from mmtrain.methods.vpgtrans.embeddings import EmbeddingReadError
+    from mmtrain.methods.vpgtrans.speedup import SpeedupError
 
     args = build_parser(prog).parse_args(argv)
     handlers = {"converter": _converter, "merge": _merge, "speedup": _speedup}

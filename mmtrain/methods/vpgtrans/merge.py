@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from mmtrain.transfer.converter import ConverterError, load_converter
+from mmtrain.methods.vpgtrans.converter import ConverterError, load_converter
 from mmtrain.utils.io import atomic_write_bytes
 
 PROJECTOR_KEYS = ("projector.weight", "projector.bias")

@@ -502,7 +502,7 @@ def run_trajectory(args: Any) -> dict[str, Any]:
         import mmtrain.engine  # noqa: F401  (selects DeepSpeed's CPU accelerator before anything imports deepspeed)
     from transformers import AutoTokenizer
 
-    from mmtrain.transfer.converter import ConverterError, corpus_texts
+    from mmtrain.methods.vpgtrans.converter import ConverterError, corpus_texts
 
     started = time.time()
     model_dir = Path(args.model)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable
 
-from mmtrain.surrogate.layout import SurrogateBuildError
+from mmtrain.methods.grafting.layout import SurrogateBuildError
 
 CHUNK_BYTES = 64 * 2**20
 MAX_HEADER_BYTES = 100 * 2**20
