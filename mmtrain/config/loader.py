@@ -16,12 +16,13 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from mmtrain.errors import UserError
 from mmtrain.config.schema import RunConfig
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem; the message names the key and what to do."""
 
 

@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from mmtrain.errors import UserError
 from mmtrain.cost import sacct as sacct_mod
 from mmtrain.cost.hardware import normalise_gpu_type, peak_flops
 from mmtrain.cost.ledger import LEDGER_FILE, read_ledger
@@ -44,7 +45,7 @@ OVERHEAD_PARTS = ("startup", "checkpoint", "eval", "other")
 Query = Callable[[list[str]], dict[str, list[sacct_mod.SacctRow]]]
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """The run folder cannot be reported on (no ledger); the message says what is missing and why."""
 
 

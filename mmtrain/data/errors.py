@@ -9,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
+from mmtrain.errors import UserError
 
-class _ManifestLineError(ValueError):
+
+class _ManifestLineError(UserError, ValueError):
     """Base for errors that point at one line of a manifest file."""
 
     default_hint: ClassVar[str] = ""

@@ -13,10 +13,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mmtrain.errors import UserError
 from mmtrain.config.schema import RunConfig
 
 
-class DeepSpeedConfigError(ValueError):
+class DeepSpeedConfigError(UserError, ValueError):
     """The DeepSpeed JSON is unreadable or inconsistent with the run config."""
 
 

@@ -16,12 +16,13 @@ from typing import Any
 
 import torch
 
+from mmtrain.errors import UserError
 from mmtrain.config import RunConfig, load_config
 from mmtrain.config.schema import InitSource
 from mmtrain.engine.checkpoint import META_FILE, latest_checkpoint
 
 
-class EvalTargetError(ValueError):
+class EvalTargetError(UserError, ValueError):
     """The path given to `mmtrain eval` is neither a run folder nor a checkpoint."""
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmtrain.errors import UserError
 from mmtrain.config.schema import VisionConfig
 from mmtrain.models.vision import VisionTower, register_vision_tower
 
@@ -47,7 +48,7 @@ NUM_BLOCKS = sum(repeats for _, _, repeats, _ in _ARCHITECTURE)  # 17 inverted-r
 NUM_STAGES = NUM_BLOCKS + 2  # stem, the blocks, the 1x1 head: the outputs `feature_layer` indexes
 
 
-class KerasWeightsError(ValueError):
+class KerasWeightsError(UserError, ValueError):
     """A Keras .h5 file does not hold the MobileNetV2 weights expected; the message names the layer."""
 
 

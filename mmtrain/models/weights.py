@@ -12,10 +12,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mmtrain.errors import UserError
+
 TRAINABLE_FILE = "trainable.safetensors"
 
 
-class IncompatibleCheckpointError(ValueError):
+class IncompatibleCheckpointError(UserError, ValueError):
     """The checkpoint does not fit the model it is loaded into."""
 
 

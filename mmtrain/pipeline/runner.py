@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 
+from mmtrain.errors import UserError
 from mmtrain.config.loader import dump_config
 from mmtrain.cost.ledger import ENV_LEDGER, ENV_VARIANT, LEDGER_FILE, Ledger, new_attempt_id, slurm_job
 from mmtrain.engine.preemption import EXIT_REQUEUE
@@ -47,7 +48,7 @@ OUTCOMES = {0: "done", EXIT_FAILED: "failed", EXIT_STOPPED: "stopped", EXIT_REQU
 _SIGNALLED = {-10, -15, 128 + 10, 128 + 15, 10, 15}
 
 
-class PipelineError(RuntimeError):
+class PipelineError(UserError, RuntimeError):
     """The pipeline cannot go on; the message says why and what to do."""
 
     def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:

@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from mmtrain.errors import UserError
 from mmtrain.config.loader import ConfigError, from_dict
 from mmtrain.config.schema import RunConfig
 from mmtrain.pipeline.recipe import Pipeline, Stage, config_differences, hashable_config
@@ -37,7 +38,7 @@ LOCK_FILE = ".lock"
 _held_locks: set[Path] = set()
 
 
-class StageBusyError(RuntimeError):
+class StageBusyError(UserError, RuntimeError):
     """Another process is running this stage."""
 
 

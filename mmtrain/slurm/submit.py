@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
+from mmtrain.errors import UserError
 from mmtrain.pipeline.recipe import Pipeline, Stage
 from mmtrain.pipeline.state import probe, read_json
 from mmtrain.slurm.options import SlurmOptions, resolve_options
@@ -25,7 +26,7 @@ from mmtrain.utils.io import atomic_write_json, atomic_write_text
 JOBS_FILE = "jobs.json"
 
 
-class SubmitError(RuntimeError):
+class SubmitError(UserError, RuntimeError):
     """sbatch refused a job (the message has sbatch's own words) or SLURM is not reachable."""
 
 

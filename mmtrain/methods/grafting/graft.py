@@ -13,12 +13,13 @@ import dataclasses
 import json
 from pathlib import Path
 
+from mmtrain.errors import UserError
 from mmtrain.config.schema import InitSource, RunConfig
 
 VISION_SIDE = ("vision", "resampler", "projector")
 
 
-class GraftError(ValueError):
+class GraftError(UserError, ValueError):
     """The run's vision side cannot be grafted onto the named LLM."""
 
 

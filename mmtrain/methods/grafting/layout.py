@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from mmtrain.errors import UserError
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 EMBEDDINGS = "model.embed_tokens.weight"
@@ -20,7 +22,7 @@ LM_HEAD = "lm_head.weight"
 PER_LAYER_CONFIG_KEYS = ("layer_types",)
 
 
-class SurrogateBuildError(ValueError):
+class SurrogateBuildError(UserError, ValueError):
     """The target cannot be turned into a surrogate (unsupported, incomplete or bad arguments)."""
 
 

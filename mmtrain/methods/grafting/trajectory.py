@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from mmtrain.errors import UserError
 from mmtrain.utils.io import atomic_write_bytes, atomic_write_json
 
 DEFAULT_THRESHOLD = 0.1
@@ -38,7 +39,7 @@ CHUNK_ELEMENTS = 1 << 25
 """Logits computed at once ([positions, vocab] float32, 128 MiB): bounds memory for large vocabularies."""
 
 
-class TrajectoryError(ValueError):
+class TrajectoryError(UserError, ValueError):
     """The trajectory cannot be computed from what was given (model, texts, options)."""
 
 

@@ -21,13 +21,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mmtrain.errors import UserError
 from mmtrain.config.schema import WordConverterConfig
 from mmtrain.utils.io import atomic_write_bytes
 
 CONVERTER_FILE = "word_converter.safetensors"
 
 
-class ConverterError(ValueError):
+class ConverterError(UserError, ValueError):
     """The converter cannot be fitted or loaded; the message says why and what to do."""
 
 

@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mmtrain.errors import UserError
 
-class EmbeddingReadError(ValueError):
+
+class EmbeddingReadError(UserError, ValueError):
     """The embedding table could not be read from an LLM folder; the message says why."""
 
 

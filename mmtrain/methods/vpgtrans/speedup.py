@@ -22,12 +22,13 @@ from typing import Any
 
 import yaml
 
+from mmtrain.errors import UserError
 from mmtrain.engine.metrics import METRICS_FILE
 
 LOWER_IS_BETTER = ("loss", "ppl", "perplexity")
 
 
-class SpeedupError(ValueError):
+class SpeedupError(UserError, ValueError):
     """A run folder cannot be read as a learning curve; the message says why."""
 
 
