@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from mmtrain.errors import report_user_errors
+
 
 USAGE = """usage: mmtrain COMMAND ...
 
@@ -23,7 +25,10 @@ commands:
 """
 
 
+@report_user_errors
 def main(argv: list[str] | None = None) -> int:
+    """Dispatch to the command's own `main` (each reports its user errors as `error: ...`, exit 2;
+    so does this one, for anything a command lets through)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     # `deepspeed --module mmtrain ...` puts --local_rank=N first; the rank comes from the environment.
     argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]

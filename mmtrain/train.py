@@ -10,7 +10,9 @@ import argparse
 import sys
 
 import mmtrain.engine  # noqa: F401  (selects DeepSpeed's accelerator before deepspeed is imported)
-from mmtrain.config import ConfigError, load_config
+from mmtrain.config import load_config
+from mmtrain.config.rules import check_training
+from mmtrain.errors import EXIT_USER_ERROR, report_user_errors
 
 
 def build_parser(prog: str = "python -m mmtrain.train") -> argparse.ArgumentParser:
@@ -22,34 +24,31 @@ def build_parser(prog: str = "python -m mmtrain.train") -> argparse.ArgumentPars
     return parser
 
 
+@report_user_errors
 def main(argv: list[str] | None = None, prog: str = "python -m mmtrain.train") -> int:
+    """Train; exit 0 when done, EXIT_REQUEUE when stopped by a signal after checkpointing, 2 for a
+    user error (`error: MESSAGE`, no traceback: a config value, a manifest line, a checkpoint...)."""
     args = build_parser(prog).parse_args(argv)
     from mmtrain.engine.preemption import EXIT_REQUEUE, StopRequest
 
     stop_request = StopRequest().install()  # before the slow imports: a warning signal is never lost
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from mmtrain.data import BadSampleError, ManifestError
-    from mmtrain.engine.ds_config import DeepSpeedConfigError
+    cfg = load_config(args.config, args.overrides)
+    check_training(cfg, args.config)
+    from mmtrain.cost.recorder import CostRecorder
     from mmtrain.engine.trainer import Trainer
-    from mmtrain.models import IncompatibleCheckpointError
-    from mmtrain.methods.vpgtrans.converter import ConverterError
 
     try:
-        trainer = Trainer(cfg, stop_request)
+        trainer = Trainer(cfg, stop_request, sinks=[CostRecorder.for_run(cfg.output_dir)])
         trainer.fit()
         if trainer.stopped_by_signal:
             print(f"stopped by {trainer.stop_request.name or 'a stop signal'} after checkpointing; "
                   f"exit {EXIT_REQUEUE}: requeue or rerun to resume", file=sys.stderr)
             return EXIT_REQUEUE
-    except (BadSampleError, ManifestError, DeepSpeedConfigError, IncompatibleCheckpointError, ConverterError,
-            FileNotFoundError) as exc:
-        # The user's input is at fault: say what and where, without a traceback.
+    except FileNotFoundError as exc:
+        # A file the config names is missing (init weights, a resume folder, a tokenizer...): the user's
+        # to fix, wherever it is found (not every reader raises a UserError naming the key yet).
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     return 0
 
 

@@ -6,7 +6,10 @@ import argparse
 import sys
 import time
 
+from mmtrain.errors import report_user_errors
 
+
+@report_user_errors
 def main(argv: list[str] | None = None, prog: str = "mmtrain assets") -> int:
     from mmtrain.assets.common import AssetError, cache_dir, is_complete
     from mmtrain.assets.registry import all_assets, prepare
@@ -27,15 +30,14 @@ def main(argv: list[str] | None = None, prog: str = "mmtrain assets") -> int:
             print(f"  {name:22s} {asset.kind:6s} {state:6s} {asset.description}")
         return 0
     unknown = [n for n in args.names if n not in assets]
-    if unknown:
-        print(f"error: unknown asset(s) {', '.join(unknown)}; known: {', '.join(sorted(assets))}", file=sys.stderr)
-        return 2
+    if unknown:  # reported by report_user_errors: `error: ...`, exit 2
+        raise AssetError(f"unknown asset(s) {', '.join(unknown)}; known: {', '.join(sorted(assets))}")
     for name in args.names or sorted(assets):
         already = is_complete(assets[name]) and not args.force
         start = time.perf_counter()
         try:
             path = prepare(name, force=args.force)
-        except AssetError as exc:
+        except AssetError as exc:  # fetching, verifying or building failed: exit 1, naming the asset
             print(f"error: asset {name}: {exc}", file=sys.stderr)
             return 1
         note = "already prepared" if already else f"prepared in {time.perf_counter() - start:.0f} s"

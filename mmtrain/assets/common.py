@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from mmtrain.config.paths import cache_dir
 from mmtrain.errors import UserError
 
 MARKER = "asset.json"
@@ -53,11 +54,6 @@ class Asset:
     version: int = 1
     requires: tuple[str, ...] = field(default_factory=tuple)
     licence: str = ""
-
-
-def cache_dir() -> Path:
-    """Root of everything mmtrain prepares: `MMTRAIN_CACHE`, default `~/.cache/mmtrain`."""
-    return Path(os.environ.get("MMTRAIN_CACHE", Path.home() / ".cache" / "mmtrain"))
 
 
 def asset_dir(asset: Asset) -> Path:

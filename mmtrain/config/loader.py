@@ -16,14 +16,17 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-from mmtrain.errors import UserError
+from mmtrain.config.errors import ConfigError
+from mmtrain.config.methods import with_hook
+from mmtrain.config.references import resolve_references
+from mmtrain.config.rules import check_values
 from mmtrain.config.schema import RunConfig
+from mmtrain.utils.io import atomic_write_text
+
+__all__ = ["ConfigError", "assign_dotted", "check_config", "dump_config", "from_dict", "load_config",
+           "read_yaml_mapping", "resolve_asset_references", "to_dict"]
 
 T = TypeVar("T")
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration problem; the message names the key and what to do."""
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
@@ -47,8 +50,20 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set optim.lr=1e-3")
         assign_dotted(raw, key.strip(), yaml.safe_load(value) if value != "" else None)
     config = from_dict(RunConfig, raw, source=source)
-    resolve_asset_references(config, source)
+    resolve_references(config, source)
+    check_config(config, source)
     return config
+
+
+def check_config(config: RunConfig, source: str = "config") -> None:
+    """The rules a loaded config must keep: values (`mmtrain.config.rules`), then each method's cross-field rules.
+
+    Raises:
+        ConfigError: naming the key and what to do.
+    """
+    check_values(config, source)
+    for _, check in with_hook("check"):
+        check(config, source)
 
 
 def read_yaml_mapping(path: str | Path, what: str, expected: str) -> dict[str, Any]:
@@ -75,25 +90,7 @@ def read_yaml_mapping(path: str | Path, what: str, expected: str) -> dict[str, A
 
 def resolve_asset_references(config: Any, source: str = "config", prefix: str = "") -> None:
     """Replace every `asset:NAME/...` string in a config (dataclasses, lists, dicts) by its cache path."""
-    from mmtrain.assets.common import AssetError
-    from mmtrain.assets.registry import ASSET_PREFIX, resolve_asset_reference
-
-    def resolve(value: Any, key: str) -> Any:
-        if isinstance(value, str) and value.startswith(ASSET_PREFIX):
-            try:
-                return resolve_asset_reference(value, key)
-            except AssetError as exc:
-                raise ConfigError(f"{source}: {exc}") from None
-        if dataclasses.is_dataclass(value):
-            resolve_asset_references(value, source, f"{key}.")
-        elif isinstance(value, list):
-            return [resolve(v, f"{key}[{i}]") for i, v in enumerate(value)]
-        elif isinstance(value, dict):
-            return {k: resolve(v, f"{key}.{k}") for k, v in value.items()}
-        return value
-
-    for f in dataclasses.fields(config):
-        setattr(config, f.name, resolve(getattr(config, f.name), f"{prefix}{f.name}"))
+    resolve_references(config, source, prefix)
 
 
 def assign_dotted(tree: dict[str, Any], dotted: str, value: Any, merge: bool = False) -> None:
@@ -216,6 +213,4 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def dump_config(config: RunConfig, path: Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    from mmtrain.utils.io import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))

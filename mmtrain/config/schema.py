@@ -2,7 +2,9 @@
 
 A YAML file maps onto `RunConfig`; `mmtrain.config.loader` does the strict parsing (unknown keys,
 wrong types and invalid choices fail naming the key). The DeepSpeed JSON's `"auto"` values are
-filled from these fields by `mmtrain.engine.ds_config`.
+filled from these fields by `mmtrain.engine.ds_config`. The methods' own settings (MMA's `adapter`,
+VPGTrans's `word_converter`...) are defined next to each method's code and joined in here at the
+places they belong (`with_sections`, see `mmtrain.config.methods`).
 """
 
 from __future__ import annotations
@@ -10,68 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from mmtrain.config.methods import with_sections
+
 Trainability = Literal["frozen", "full", "adapters"]
 
 
 @dataclass
-class AdapterConfig:
-    """MMA (LaVIN) adapters: one bottleneck adapter before self-attention in every block.
-
-    `out = x + scale * (w0 * B z + w1 * D z)`, `z = Dropout(A x)`, `w = softmax(W_m m / temperature)`
-    over two experts, m = the routing token's input (the LLM's modality token, the vision tower's
-    CLS token), computed per sample. A is d -> bottleneck (xavier); B and D are bottleneck -> d,
-    grouped, ZERO-initialised, so training starts from the unmodified model.
-    """
-
-    kind: Literal["router", "plain"] = "router"
-    """`router`: two up-projections mixed by the router (MMA); `plain`: one up-projection, no router
-    (the ablation)."""
-    bottleneck: int = 8
-    temperature: float = 10.0
-    """Router softmax temperature (LaVIN: 10 at 7B, 5 at 13B)."""
-    scale: float = 1.0
-    dropout: float = 0.1
-    groups: int = 2
-    """Groups of the up-projections (a grouped 1x1 convolution in LaVIN)."""
-    modality_token: bool | None = None
-    """LLM only: prepend a learned modality token (0 = text only, 1 = image) at position 0 that no
-    other token attends to and that drives the routers. Default: on for `router` adapters in the
-    LLM, off otherwise."""
-
-
-@dataclass
-class VLPETConfig:
-    """VL-PET on an encoder-decoder LM (T5, BART): granularity-controlled modules after every encoder
-    self-attention and FFN (encoder LayerNorms trainable), and a parallel adapter on every decoder
-    cross-attention's value path. Everything else in the LM stays frozen."""
-
-    gate: Literal["large", "middle_x", "middle_y", "small", "none"] = "large"
-    """Granularity of the gate G: large (N x d), middle_x (N x 1), middle_y (1 x d), small (1 x 1)."""
-    rank: int | None = None
-    """Bottleneck width r of the encoder modules (default: 96 BART, 192 T5)."""
-    value_rank: int | None = None
-    """Bottleneck width of the decoder's value adapters (default: `rank`; the official T5 script: 96)."""
-    heads: int = 4
-    """Heads N_h of the multi-head down-projection (each d -> r / N_h)."""
-    gate_rank: int = 96
-    """Low rank of the `large` gate."""
-    gate_scale: float | None = None
-    """s in the gates (default: 1 BART, 0.3 T5)."""
-    train_encoder_norms: bool = True
-
-
-@dataclass
-class LoRAConfig:
-    """LoRA on the LLM's linear layers, through PEFT (the comparison baseline)."""
-
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-
-
-@dataclass
-class VisionConfig:
+class _VisionCore:
     """The vision tower: any Hugging Face vision model, by name/path or built from a config dict."""
 
     kind: str = "hf"
@@ -90,8 +37,10 @@ class VisionConfig:
     cls_every: int = 0
     """LaVIN's visual tokens: the CLS token after every k-th block (k = 4: 6 tokens for 24 blocks)
     instead of the patch tokens of `feature_layer` (0 = off)."""
-    adapter: AdapterConfig | None = None
-    """MMA adapters in every transformer block of the tower (train them with `trainable: adapters`)."""
+
+
+VisionConfig = with_sections(_VisionCore, "model.vision", "VisionConfig")
+"""The vision tower's settings plus the method sections at `model.vision` (MMA: `adapter`)."""
 
 
 @dataclass
@@ -125,7 +74,7 @@ class ProjectorConfig:
 
 
 @dataclass
-class LLMConfig:
+class _LLMCore:
     """The language model: a Hugging Face causal LM (or an encoder-decoder LM: T5, BART), frozen by default."""
 
     name_or_path: str | None = None
@@ -143,12 +92,10 @@ class LLMConfig:
     ZeRO-1/2 only."""
     quant_type: Literal["nf4", "fp4"] = "nf4"
     """4-bit data type."""
-    adapter: AdapterConfig | None = None
-    """MMA adapters before self-attention in every decoder block (train with `trainable: adapters`)."""
-    vl_pet: VLPETConfig | None = None
-    """VL-PET modules (encoder-decoder LMs only; train with `trainable: adapters`)."""
-    lora: LoRAConfig | None = None
-    """LoRA through PEFT (train with `trainable: adapters`)."""
+
+
+LLMConfig = with_sections(_LLMCore, "model.llm", "LLMConfig")
+"""The LLM's settings plus the method sections at `model.llm` (MMA: `adapter`, VL-PET: `vl_pet`, LoRA: `lora`)."""
 
 
 @dataclass
@@ -208,32 +155,16 @@ class CheckpointConfig:
 
 
 @dataclass
-class WordConverterConfig:
-    """VPGTrans's word converter: a linear map (with bias) from a source LLM's input-embedding space to
-    this run's LLM's, fitted over a text corpus with the loss 1 - cosine and plain SGD, then composed
-    with the inherited projector (W_t = W_w W_s, b_t = W_w b_s + b_w). Defaults are the official ones
-    (use 8 epochs across model families)."""
+class LoggingConfig:
+    """Where the training loop's scalars go besides `metrics.jsonl` (always written)."""
 
-    source_llm: str | None = None
-    """The LLM folder the inherited projector was trained for (in recipes: the inherited stage's LLM)."""
-    source_tokenizer: str | None = None
-    """Its tokenizer folder, if not `source_llm` (in recipes: the inherited stage's)."""
-    corpus: list[str] = field(default_factory=list)
-    """Manifests (.jsonl: captions and conversation turns) and/or text files (one text a line);
-    empty = the run's `data.train`."""
-    lr: float = 5.0
-    batch_size: int = 4096
-    """Texts per SGD step."""
-    epochs: int = 5
-    holdout: float = 0.05
-    """Fraction of the texts held out to report the fitted converter's cosine."""
-    seed: int = 0
-    path: str | None = None
-    """Use this already-fitted converter (`mmtrain transfer converter` output) instead of fitting one."""
+    tensorboard: bool = False
+    """Write every logged step's and every validation's numbers as TensorBoard scalars to
+    `<output_dir>/tensorboard/` (`tensorboard --logdir runs/`)."""
 
 
 @dataclass
-class InitSource:
+class _InitSourceCore:
     """Weights loaded into the model before training, e.g. a component inherited from an earlier stage.
 
     Loaded after the model is built and before the engine wraps it (and again before a resume
@@ -249,9 +180,10 @@ class InitSource:
     """Prefix renames applied to the file's names before matching, e.g. `{resampler.: vpg.}`."""
     strict: bool = True
     """Fail when a selected tensor has no parameter of the same name and shape in the model."""
-    word_converter: WordConverterConfig | None = None
-    """VPGTrans: the file's projector was trained for another LLM; map it into this run's LLM through a
-    word converter (fitted at the start of the run, or read from `word_converter.path`)."""
+
+
+InitSource = with_sections(_InitSourceCore, "init", "InitSource")
+"""An init source plus the method sections of an `init` entry (VPGTrans: `word_converter`)."""
 
 
 @dataclass
@@ -280,5 +212,6 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     init: list[InitSource] = field(default_factory=list)
     """Weights to start from, applied in order (later sources win)."""

@@ -15,6 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from mmtrain.errors import EXIT_USER_ERROR, report_user_errors
+
 REPORT_EPILOG = """\
 allocated GPU time comes from SLURM accounting (sacct) for attempts that ran as SLURM jobs, else from
 the ledger (wall time x GPUs). To predict a recipe's cost before submitting it:
@@ -75,6 +77,7 @@ def estimate_parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
+@report_user_errors
 def main(argv: list[str] | None = None, prog: str = "mmtrain cost") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["estimate"]:
@@ -83,14 +86,11 @@ def main(argv: list[str] | None = None, prog: str = "mmtrain cost") -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from mmtrain.cost.report import REPORT_DIR, ReportError, build_report, format_markdown, write_report
+    from mmtrain.cost.report import REPORT_DIR, build_report, format_markdown, write_report
 
-    try:
-        report = build_report(args.run, price_per_gpu_hour=args.price_per_gpu_hour, peak_tflops=args.peak_tflops,
-                              baseline=args.baseline, wait_s=args.wait)
-    except ReportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    # ReportError (a UserError: no ledger in RUN...) is reported by report_user_errors, exit 2.
+    report = build_report(args.run, price_per_gpu_hour=args.price_per_gpu_hour, peak_tflops=args.peak_tflops,
+                          baseline=args.baseline, wait_s=args.wait)
     out = Path(args.out) if args.out else Path(args.run) / REPORT_DIR
     try:
         paths = write_report(report, out)
@@ -112,12 +112,13 @@ def _estimate(args: argparse.Namespace) -> int:
         pipeline = load_recipe(args.recipe, args.overrides)
         result = estimate_pipeline(pipeline, gpus=args.gpus, gpu_type=args.gpu_type, nodes=args.nodes, mfu=args.mfu,
                                    peak_tflops=args.peak_tflops)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, OSError) as exc:  # e.g. an unknown GPU type without --peak-tflops, a missing file
+    except ConfigError:
+        raise  # names the recipe itself; report_user_errors prints it as it is
+    except (ValueError, OSError) as exc:
+        # estimate.py's plain ValueErrors (an unknown GPU type without --peak-tflops, a model whose FLOPs
+        # cannot be counted...) and a missing file: the user's, named after the recipe.
         print(f"error: {args.recipe}: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     print(format_estimate(result))
     if args.out:
         try:

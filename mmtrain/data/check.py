@@ -19,6 +19,7 @@ from mmtrain.data.errors import BadSampleError, ManifestError
 from mmtrain.data.images import ImageLoadError, load_image
 from mmtrain.data.manifest import Sample, scan_manifest
 from mmtrain.data.templates import TEMPLATES, PromptTemplate, TokenizerLike, get_template, validate_sample
+from mmtrain.errors import EXIT_USER_ERROR, report_user_errors
 
 _CHUNK = 256
 
@@ -158,6 +159,7 @@ def check_manifest(
     return report
 
 
+@report_user_errors
 def main(argv: list[str] | None = None) -> int:
     """Runs ``mmtrain data check``: prints the report of a manifest.
 
@@ -166,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
 
     Returns:
         0 when every sample is fine, 1 when there are problems, 2 when the
-        check itself could not run (e.g. the tokenizer does not load).
+        check itself could not run (e.g. the tokenizer does not load; a
+        UserError such as an unreadable manifest prints ``error: ...``).
     """
     parser = argparse.ArgumentParser(
         prog="mmtrain data check",
@@ -182,18 +185,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.max_length is not None and args.tokenizer is None:
         parser.error("--max-length needs --tokenizer")
-    try:
-        report = check_manifest(
-            args.manifest,
-            tokenizer=args.tokenizer,
-            max_length=args.max_length,
-            template=args.template,
-            num_image_tokens=args.num_image_tokens,
-            no_image_text=args.no_image_text,
-        )
-    except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    tokenizer = None
+    if args.tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer))
+        except (OSError, ValueError) as error:  # transformers' own errors: no usable tokenizer in that folder
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_USER_ERROR
+    report = check_manifest(
+        args.manifest,
+        tokenizer=tokenizer,
+        max_length=args.max_length,
+        template=args.template,
+        num_image_tokens=args.num_image_tokens,
+        no_image_text=args.no_image_text,
+    )
     print(report.format())
     return 0 if report.ok else 1
 

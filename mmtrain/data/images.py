@@ -10,13 +10,19 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mmtrain.errors import UserError
+
 _TRANSPARENT_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _SVG_SUFFIXES = frozenset({".svg", ".svgz"})
 _WHITE = (255, 255, 255, 255)
 
 
-class ImageLoadError(OSError):
-    """An image file could not be loaded; ``reason`` says why and names the file."""
+class ImageLoadError(UserError, OSError):
+    """An image file could not be loaded; ``reason`` says why and names the file.
+
+    The user's to fix (their file), hence a UserError; still an OSError for callers that catch those.
+    Usually turned into a BadSampleError naming the manifest line (training) or a report line (check).
+    """
 
     def __init__(self, reason: str, path: Path) -> None:
         super().__init__(reason)

@@ -13,7 +13,6 @@ mid-save leaves only a `.tmp` folder that is never picked up (and is cleared by 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,31 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmtrain.models.weights import TRAINABLE_FILE
+from mmtrain.config.paths import (DS_TAG, META_FILE, TRAINABLE_FILE, checkpoint_dir, complete_checkpoints,
+                                  latest_checkpoint)
 from mmtrain.utils.io import atomic_write_json
 
-DS_TAG = "ds"
-META_FILE = "meta.json"
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
+__all__ = ["DS_TAG", "META_FILE", "TRAINABLE_FILE", "checkpoint_dir", "complete_checkpoints", "latest_checkpoint",
+           "load_checkpoint", "resolve_resume", "save_checkpoint", "trainable_state_dict"]
 _GATHER_CHUNK = 50_000_000
-
-
-def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
-    return Path(output_dir) / "checkpoints" / f"step_{step:08d}"
-
-
-def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (renamed into place, with meta.json), oldest first."""
-    root = Path(output_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / META_FILE).is_file()]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    found = complete_checkpoints(output_dir)
-    return found[-1] if found else None
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:

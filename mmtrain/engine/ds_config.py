@@ -86,6 +86,34 @@ def fill_ds_config(
         # GPUs FusedAdam's build needs nvcc, and DeepSpeed 0.19.8 fails to parse the 'sm_90a' entry of
         # CUDA 13 torch wheels' arch list on Hopper).
         params["torch_adam"] = not offload
+    return _fill_common(ds, hidden_size, source)
+
+
+def fill_parameter_only_ds_config(ds: dict[str, Any], micro_batch_size: int, precision: str, world_size: int,
+                                  hidden_size: int, source: str = "deepspeed") -> dict[str, Any]:
+    """A copy of `ds` for an engine that holds parameters and trains nothing (evaluation, the logit lens):
+    the optimizer block is dropped and every `"auto"` is filled from these values."""
+    ds = copy.deepcopy(ds)
+    ds.pop("optimizer", None)
+    ds.pop("scheduler", None)
+    owned: dict[tuple[str, ...], Any] = {
+        ("train_micro_batch_size_per_gpu",): micro_batch_size,
+        ("gradient_accumulation_steps",): 1,
+        ("train_batch_size",): micro_batch_size * world_size,
+        ("bf16", "enabled"): precision == "bf16",
+        ("fp16", "enabled"): precision == "fp16",
+    }
+    for key, value in owned.items():
+        node = ds
+        for part in key[:-1]:
+            node = node.setdefault(part, {})
+        node[key[-1]] = value  # nothing trains: the JSON's own batch settings do not matter here
+    if ds.get("gradient_clipping") == "auto":
+        ds["gradient_clipping"] = 0.0
+    return _fill_common(ds, hidden_size, source)
+
+
+def _fill_common(ds: dict[str, Any], hidden_size: int, source: str) -> dict[str, Any]:
     zero = ds.get("zero_optimization", {})
     heuristics = {
         "reduce_bucket_size": hidden_size * hidden_size,

@@ -1,4 +1,5 @@
-"""Run-folder records: metrics.jsonl (one object per logged step), per-rank memory reports."""
+"""Run-folder records: metrics.jsonl (one object per logged step, a sink of the loop's events), per-rank
+memory reports."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmtrain.config.paths import METRICS_FILE
+from mmtrain.engine.events import EvaluationEnd, Event, StepEnd
 from mmtrain.utils.io import append_line, atomic_write_text
-
-METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLog:
@@ -33,6 +34,16 @@ class MetricsLog:
     def log(self, record: dict[str, Any]) -> None:
         if self.enabled:
             append_line(self.path, json.dumps(record))
+
+    def handle(self, event: Event) -> None:
+        """Sink of the loop's events: logged step records and validation records."""
+        if isinstance(event, StepEnd) and event.record is not None:
+            self.log(event.record)
+        elif isinstance(event, EvaluationEnd):
+            self.log(event.record)
+
+    def close(self) -> None:
+        pass
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:

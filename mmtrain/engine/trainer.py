@@ -12,7 +12,6 @@ same batches and dropout masks as an uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import platform
 import sys
@@ -25,31 +24,20 @@ import torch
 
 import mmtrain
 from mmtrain.config import RunConfig, dump_config, to_dict
-from mmtrain.cost.ledger import LEDGER_FILE, Ledger
-from mmtrain.cost.usage import AttemptUsage
-from mmtrain.engine.accelerator import move_buffers, on_cpu, release_large_frees_to_os
+from mmtrain.config.paths import RunDir
+from mmtrain.engine.accelerator import on_cpu
 from mmtrain.engine.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from mmtrain.engine.distributed import DistEnv, init_distributed
-from mmtrain.engine.ds_config import fill_ds_config, load_ds_json, zero_stage
+from mmtrain.engine.events import (CheckpointSaved, EvaluationEnd, EventBus, EventSink, FirstBatch, LoopStart,
+                                   ProcessEnd, ProcessStart, StepEnd)
 from mmtrain.engine.metrics import MetricsLog, local_parameter_report, peak_memory
 from mmtrain.engine.optim import build_optimizer_args, build_param_groups, lr_factor, scheduler_factory
+from mmtrain.engine.placement import build_placed_vlm, plan
 from mmtrain.engine.preemption import StopRequest
-from mmtrain.models import build_vlm, format_parameter_table, load_init_weights, parameter_table
+from mmtrain.engine.tensorboard import TensorBoardSink
+from mmtrain.models import format_parameter_table, parameter_table
 from mmtrain.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("mmtrain")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _llm_hidden_size(cfg: RunConfig) -> int:
-    from transformers import AutoConfig
-
-    llm = cfg.model.llm
-    if llm.name_or_path:
-        return AutoConfig.from_pretrained(llm.name_or_path, trust_remote_code=llm.trust_remote_code).hidden_size
-    params = dict(llm.config or {})
-    return AutoConfig.for_model(params.pop("model_type", "llama"), **params).hidden_size
-
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + micro * 104_729 + rank * 15_485_863) % (2**63 - 1)
@@ -58,69 +46,60 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
 class Trainer:
     """One training run described by a RunConfig; `fit()` trains to `max_steps` (or `stop_after_steps`)."""
 
-    def __init__(self, cfg: RunConfig, stop_request: StopRequest | None = None) -> None:
-        """Build everything and resume. `stop_request`: one installed earlier by the caller, so that a stop
-        signal arriving during start-up is not lost (default: installed here)."""
-        import deepspeed
+    def __init__(self, cfg: RunConfig, stop_request: StopRequest | None = None,
+                 sinks: list[EventSink] | None = None) -> None:
+        """Build everything and resume.
 
+        Args:
+            stop_request: one installed earlier by the caller, so that a stop signal arriving during
+                start-up is not lost (default: installed here).
+            sinks: listeners to the loop's events besides the metrics file and TensorBoard (the
+                cost ledger's recorder, attached by the command that starts training).
+        """
         self.cfg = cfg
         self._started = time.perf_counter()
         self._cpu_started = time.process_time()
+        self._eval_seconds = 0.0
         self._eval_cpu_seconds = 0.0
         self._compute_before = self._cpu_before = 0.0  # earlier invocations' (a resumed run)
-        self.usage = AttemptUsage(start_step=0)
         self.stop_request = stop_request or StopRequest().install()  # a scheduler's warning: checkpoint, exit
         self.stopped_by_signal = False
-        if on_cpu():
-            release_large_frees_to_os()
-        self.dist: DistEnv = init_distributed()
+        self.step = 0
+        self.events = EventBus(sinks)
+        self.run_dir = RunDir(cfg.output_dir)
+        self.output_dir = self.run_dir.root
+        self.placement = plan(cfg, "train")
+        self.dist = self.placement.dist
         self.rank, self.world_size = self.dist.rank, self.dist.world_size
         self.is_main = self.rank == 0
         _configure_logging(self.is_main)
-        if cfg.precision == "fp16" and on_cpu():
-            raise ValueError("precision=fp16 needs a GPU; on CPU use fp32 (bf16 works but is far slower there)")
-        self.output_dir = Path(cfg.output_dir)
-        self.ledger = Ledger.from_env(self.output_dir / LEDGER_FILE, default_stage=self.output_dir.name)
-        self.ledger.write("process_start", kind="train", rank=self.rank, world_size=self.world_size,
-                          output_dir=str(self.output_dir))
+        self.metrics = MetricsLog(self.output_dir, self.is_main)
+        self.events.add(self.metrics)
+        self.events.add(TensorBoardSink(self.run_dir.tensorboard, cfg.logging.tensorboard and self.is_main))
+        self.events.emit(ProcessStart(kind="train", rank=self.rank, world_size=self.world_size,
+                                      output_dir=str(self.output_dir)))
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, self.output_dir / "config.yaml")
-        ds_path = cfg.deepspeed
-        self.ds_config = fill_ds_config(load_ds_json(ds_path), cfg, self.world_size, _llm_hidden_size(cfg),
-                                        source=ds_path)
-        self.zero_stage = zero_stage(self.ds_config)
-        if cfg.model.llm.quantization != "none" and self.zero_stage == 3:
-            raise ValueError(f"model.llm.quantization={cfg.model.llm.quantization}: ZeRO-3 cannot partition "
-                             f"bitsandbytes-quantised weights; use a ZeRO-1/2 config ({ds_path} is stage 3)")
+            dump_config(cfg, self.run_dir.config)
+        self.ds_config = self.placement.ds_config
+        self.zero_stage = self.placement.zero_stage
 
-        llm_context = self._zero3_construction() if self.zero_stage == 3 else contextlib.nullcontext()
-        model, self.tokenizer, self.attn_implementation = build_vlm(cfg.model, DTYPES[cfg.precision], llm_context)
+        model = build_placed_vlm(self.placement, cfg, self.output_dir)
+        self.tokenizer, self.attn_implementation = self.placement.tokenizer, self.placement.attn_implementation
         if cfg.gradient_checkpointing:
             model.llm.enable_gradient_checkpointing()
             model.keep_llm_in_train_mode = True
-        for source in cfg.init:
-            if source.word_converter is not None:
-                from mmtrain.methods.vpgtrans.init import load_converted_init
-
-                names = load_converted_init(model, source, cfg, self.tokenizer, self.output_dir)
-            else:
-                names = load_init_weights(model, source)
-            log.info("init: %d tensors from %s", len(names), source.path)
         self.param_rows = parameter_table(model)
         table = format_parameter_table(self.param_rows)
         log.info("parameters:\n%s", table)
 
         self.dataset, self.collator = self._build_data(model)
-        if not on_cpu():
-            move_buffers(model, torch.device("cuda", self.dist.local_rank))
         groups = build_param_groups(model, cfg.optim)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, config=self.ds_config, lr_scheduler=scheduler_factory(cfg.optim, cfg.max_steps),
-            **build_optimizer_args(groups, cfg.optim),
-        )
+        self.placement.wrap(model, lr_scheduler=scheduler_factory(cfg.optim, cfg.max_steps),
+                            **build_optimizer_args(groups, cfg.optim))
+        self.engine, self.optimizer, self.scheduler = (self.placement.engine, self.placement.optimizer,
+                                                       self.placement.scheduler)
         self.model = self.engine.module
-        self.metrics = MetricsLog(self.output_dir, self.is_main)
         self.start_step = 0
         self.samples_seen = 0
         self.tokens_seen = 0
@@ -137,23 +116,9 @@ class Trainer:
             self.metrics.truncate_after(self.start_step)
             log.info("resumed from %s at step %d", resume_from, self.start_step)
         if self.is_main:
-            atomic_write_text(self.output_dir / "params.txt", table + "\n")
-            atomic_write_json(self.output_dir / "run_info.json", self._run_info(resume_from))
-        self.usage.start_step = self.usage.step = self.start_step
-        self.flops_model = None
-
-    @contextlib.contextmanager
-    def _zero3_construction(self):
-        """Build the LLM inside zero.Init (partitioned as created, HF initialisation intact).
-
-        The HfDeepSpeedConfig must stay referenced for the engine's life: transformers consults it
-        (weakly) to construct under zero.Init and later for ZeRO-3-aware calls such as generation.
-        It is created only here, so the vision side is built as ordinary modules first.
-        """
-        from transformers.integrations import HfDeepSpeedConfig
-
-        self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
-        yield
+            atomic_write_text(self.run_dir.params, table + "\n")
+            atomic_write_json(self.run_dir.run_info, self._run_info(resume_from))
+        self.step = self.start_step
 
     # ------------------------------------------------------------------ data
     def _build_data(self, model):
@@ -163,7 +128,7 @@ class Trainer:
         if not cfg.data.train:
             raise ValueError("data.train: set the training manifest (a JSONL file, or a list of them)")
         def dataset_for(manifest: str, subset: int | None) -> VLMDataset:
-            return VLMDataset.for_model(manifest, model, self.tokenizer, cfg.data, self.output_dir / "skipped.jsonl",
+            return VLMDataset.for_model(manifest, model, self.tokenizer, cfg.data, self.run_dir.skipped,
                                         subset=subset, seed=cfg.seed)
 
         self.val_dataset = dataset_for(cfg.data.val, cfg.data.val_samples) if cfg.data.val else None
@@ -185,17 +150,20 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train until max_steps (or stop_after_steps, or a stop signal); returns the last logged record.
 
-        Every rank appends its `process_end` to the ledger, also when training fails.
+        Every rank emits `ProcessEnd` (the ledger's `process_end`), also when training fails.
         """
         outcome = "failed"
         try:
             record = self._fit()
             outcome = ("preempted" if self.stopped_by_signal
-                       else "completed" if self.usage.step >= self.cfg.max_steps else "stopped")
+                       else "completed" if self.step >= self.cfg.max_steps else "stopped")
             return record
         finally:
             self.stop_request.uninstall()
-            self._write_process_end(outcome)
+            self.events.emit(ProcessEnd(outcome=outcome, signal=self.stop_request.name or None,
+                                        max_steps=self.cfg.max_steps, precision=self.cfg.precision,
+                                        zero_stage=self.zero_stage, memory=peak_memory()))
+            self.events.close()
 
     def _fit(self) -> dict[str, Any]:
         from tqdm import tqdm
@@ -213,7 +181,8 @@ class Trainer:
         record: dict[str, Any] = {}
         last_saved = self.start_step
         step = self.start_step
-        self.usage.begin_loop()
+        first_batch = True
+        self.events.emit(LoopStart(step=step, engine=self.engine, gradient_checkpointing=cfg.gradient_checkpointing))
         while step < end:
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -226,10 +195,9 @@ class Trainer:
                 tokens += int(batch["attention_mask"].sum())  # counted on the host copy: no device sync
                 samples += int(batch["input_ids"].shape[0])
                 images += int(batch["has_image"].sum())
-                if self.flops_model is None:
-                    counting_started = time.perf_counter()
-                    self.flops_model = self._count_flops(batch)
-                    self.usage.move_to_startup(time.perf_counter() - counting_started)
+                if first_batch:
+                    self.events.emit(FirstBatch(batch=batch))
+                    first_batch = False
                 torch.manual_seed(step_seed(cfg.seed, step, micro, self.rank))
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 loss = self.engine(**batch).loss
@@ -247,10 +215,10 @@ class Trainer:
             step_time = time.perf_counter() - t0
             self.tokens_seen += int(totals[1])
             self.samples_seen += int(totals[2])
-            step_flops = self.flops_model.step(float(totals[1]), float(totals[3])) if self.flops_model else 0.0
-            self.usage.end_step(step, int(totals[2]), int(totals[1]), int(totals[3]), step_flops)
+            self.step = step
             stop = bool(totals[4] > 0)
-            if step % cfg.log_every == 0 or step == end:
+            logged = step % cfg.log_every == 0 or step == end
+            if logged:
                 record = {
                     "step": step,
                     "loss": float(totals[0]) / (gas * self.world_size),
@@ -267,8 +235,9 @@ class Trainer:
                 grad_norm = self.engine.get_global_grad_norm()
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
-                self.metrics.log(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            self.events.emit(StepEnd(step=step, samples=int(totals[2]), tokens=int(totals[1]), images=int(totals[3]),
+                                     record=record if logged else None))
             bar.update(1)
             if stop:
                 self.stopped_by_signal = True
@@ -291,12 +260,12 @@ class Trainer:
                 self.evaluate(step)
             self.save(step)
         self._write_rank_report()
-        skip_log = self.output_dir / "skipped.jsonl"
+        skip_log = self.run_dir.skipped
         if self.is_main and skip_log.is_file():  # DataLoader workers count in their own processes: read the log
             count = sum(1 for line in skip_log.read_text().splitlines() if line.strip())
             log.warning("skipped %d bad samples (data.bad_samples=skip); see %s", count, skip_log)
         if self.is_main:
-            log.info("done at step %d; checkpoints in %s", step, self.output_dir / "checkpoints")
+            log.info("done at step %d; checkpoints in %s", step, self.run_dir.checkpoints)
         return record
 
     def _group_lrs(self) -> dict[str, float]:
@@ -306,7 +275,7 @@ class Trainer:
     def compute_seconds(self) -> float:
         """Wall seconds this run has spent on anything but validation (setup, training, saving), over every
         invocation; times `world_size` it is the run's process-seconds (GPU-seconds on GPUs)."""
-        return self._compute_before + time.perf_counter() - self._started - self.usage.eval_s
+        return self._compute_before + time.perf_counter() - self._started - self._eval_seconds
 
     def cpu_seconds(self) -> float:
         """CPU time (all threads) of this process on the same work as `compute_seconds`, over every
@@ -324,60 +293,31 @@ class Trainer:
         started, cpu_started = time.perf_counter(), time.process_time()
         result = validation_loss(self.engine, self.val_dataset, self.collator, self.cfg.micro_batch_size,
                                  self.rank, self.world_size)
-        self.usage.eval_s += time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        self._eval_seconds += seconds
         self._eval_cpu_seconds += time.process_time() - cpu_started
         record = {"step": step, **result, "samples": self.samples_seen,
                   "epoch": self.samples_seen / len(self.dataset), "compute_s": self.compute_seconds(),
                   "cpu_s": self.cpu_seconds(), "world_size": self.world_size}
-        self.metrics.log(record)
+        self.events.emit(EvaluationEnd(step=step, record=record, seconds=seconds))
         log.info("step %d: val_loss %.4f  val_ppl %.2f", step, result["val_loss"], result["val_ppl"])
         return record
 
     def save(self, step: int) -> Path:
-        """Write a checkpoint (collective); rank 0 then records in the ledger what it keeps."""
+        """Write a checkpoint (collective), then emit `CheckpointSaved` (the ledger records what it keeps)."""
         started = time.perf_counter()
         state = {"global_step": step, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
                  "compute_s": self.compute_seconds(), "cpu_s": self.cpu_seconds()}
         path = save_checkpoint(self.engine, self.output_dir, step, state, self.cfg.checkpoint.keep_last)
-        self.usage.checkpoint_s += time.perf_counter() - started
         log.info("saved checkpoint %s", path)
-        if self.is_main:
-            self.ledger.write("checkpoint", rank=self.rank, world_size=self.world_size, step=step,
-                              checkpoint_s=round(self.usage.checkpoint_s, 3), **self.usage.counters())
+        self.events.emit(CheckpointSaved(step=step, path=str(path), seconds=time.perf_counter() - started))
         return path
-
-    def _count_flops(self, batch: dict[str, torch.Tensor]):
-        """The FLOPs model of this VLM at the first batch's mean sequence length (collective under ZeRO-3)."""
-        from mmtrain.cost.flops import step_flops_model
-
-        length = int(batch["attention_mask"].sum()) // max(int(batch["input_ids"].shape[0]), 1)
-        self.engine.eval()  # no dropout draws, no BatchNorm statistics updated: training is unaffected
-        try:
-            flops = step_flops_model(self.model, length, self.cfg.gradient_checkpointing, device=self.engine.device)
-        except Exception as exc:  # an estimate must never stop training
-            log.warning("could not count the model's FLOPs (%s: %s); the ledger records 0 FLOPs",
-                        type(exc).__name__, exc)
-            return False
-        finally:
-            self.engine.train()
-        if self.is_main:
-            log.info("FLOPs per image %s, per token %.4g (multipliers %s)",
-                     {k: f"{v:.4g}" for k, v in flops.forward.items() if k != "llm"}, flops.forward["llm"],
-                     flops.multipliers)
-        return flops
-
-    def _write_process_end(self, outcome: str) -> None:
-        self.ledger.write("process_end", kind="train", rank=self.rank, world_size=self.world_size, outcome=outcome,
-                          signal=self.stop_request.name or None, max_steps=self.cfg.max_steps,
-                          precision=self.cfg.precision, zero_stage=self.zero_stage,
-                          flops_model=self.flops_model.as_dict() if self.flops_model else None,
-                          **self.usage.counters(), timing=self.usage.times(), memory=peak_memory())
 
     # ------------------------------------------------------------------ records
     def _write_rank_report(self) -> None:
         report = {"rank": self.rank, "world_size": self.world_size, "zero_stage": self.zero_stage,
                   "parameters": local_parameter_report(self.model), **peak_memory()}
-        atomic_write_json(self.output_dir / "ranks" / f"rank{self.rank}.json", report)
+        atomic_write_json(self.run_dir.rank_report(self.rank), report)
 
     def _run_info(self, resume_from: Path | None) -> dict[str, Any]:
         import deepspeed

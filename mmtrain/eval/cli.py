@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import mmtrain.engine  # noqa: F401  (selects DeepSpeed's accelerator before deepspeed is imported)
+from mmtrain.errors import EXIT_USER_ERROR, report_user_errors
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -39,16 +40,12 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
+@report_user_errors
 def main(argv: list[str] | None = None, prog: str = "mmtrain eval") -> int:
+    """Evaluate; exit 0 when done, 2 for a user error (`error: MESSAGE`: a target, manifest, key...)."""
     args = build_parser(prog).parse_args(argv)
-    from mmtrain.assets.common import AssetError
-    from mmtrain.config import ConfigError
-    from mmtrain.data import BadSampleError, ManifestError
-    from mmtrain.engine.ds_config import DeepSpeedConfigError
-    from mmtrain.eval.loading import EvalTargetError, load_for_eval
+    from mmtrain.eval.loading import load_for_eval
     from mmtrain.eval.runner import EvalOptions, evaluate_manifest, format_results
-    from mmtrain.models import IncompatibleCheckpointError
-    from mmtrain.methods.grafting.graft import GraftError
     from mmtrain.utils.io import atomic_write_json
 
     options = EvalOptions(max_samples=args.max_samples, generate=args.generate, max_new_tokens=args.max_new_tokens,
@@ -66,10 +63,9 @@ def main(argv: list[str] | None = None, prog: str = "mmtrain eval") -> int:
             args.graft_llm = resolve_asset_reference(args.graft_llm, "--graft-llm")
         em = load_for_eval(args.target, args.deepspeed, args.overrides, graft_llm=args.graft_llm)
         result = evaluate_manifest(em, args.data, options)
-    except (EvalTargetError, ConfigError, AssetError, BadSampleError, ManifestError, DeepSpeedConfigError,
-            IncompatibleCheckpointError, GraftError, FileNotFoundError) as exc:
+    except FileNotFoundError as exc:  # --text, or a weights file the checkpoint lacks: the user's to fix
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     result = {"run": str(em.run_dir), "checkpoint": str(em.checkpoint), "step": em.step,
               "world_size": em.world_size, "zero3": em.zero3, "llm": em.cfg.model.llm.name_or_path,
               "grafted": em.grafted, **result}

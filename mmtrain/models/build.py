@@ -2,7 +2,8 @@
 
 The vision side is built first (seeded, ordinary construction). The LLM is built last inside
 `llm_context`, which the engine sets to DeepSpeed's ZeRO-3 construction context when the run is
-ZeRO-3, so only the LLM's partition ever lives on a rank.
+ZeRO-3, so only the LLM's partition ever lives on a rank. Then every method plug-in attaches its
+modules (`MethodSpec.attach`, in attach order) and trainability is applied.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from typing import ContextManager
 
 import torch
 
+from mmtrain.config.methods import with_hook
 from mmtrain.config.schema import ModelConfig
 from mmtrain.models.attention import resolve_attn_implementation
-from mmtrain.models.llm import attach_llm_adapters, build_llm, load_tokenizer
+from mmtrain.models.llm import build_llm, load_tokenizer
 from mmtrain.models.projector import build_projector
 from mmtrain.models.resampler import build_resampler
 from mmtrain.models.trainability import apply_trainability
-from mmtrain.models.vision import attach_vision_adapters, build_vision_tower
+from mmtrain.models.vision import build_vision_tower
 from mmtrain.models.vlm import VisionLanguageModel
 
 
@@ -51,11 +53,11 @@ def build_vlm(
         )
     torch.manual_seed(cfg.init_seed + 1)
     projector = build_projector(resampler.out_dim, llm.hidden_size, cfg.projector)
-    # Adapters are built here, seeded and outside the ZeRO-3 construction context (see attach_llm_adapters).
-    torch.manual_seed(cfg.init_seed + 2)
-    if cfg.vision.adapter is not None:
-        attach_vision_adapters(vision, cfg.vision.adapter)
-    attach_llm_adapters(llm, cfg.llm)
     model = VisionLanguageModel(vision, resampler, projector, llm)
+    # The methods' modules are built here, seeded and outside the ZeRO-3 construction context:
+    # modules created inside it are partitioned before their own (e.g. zero) initialisation runs.
+    torch.manual_seed(cfg.init_seed + 2)
+    for _, attach in with_hook("attach"):
+        attach(model, cfg)
     apply_trainability(model, cfg)
     return model, tokenizer, attn

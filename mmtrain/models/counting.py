@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from mmtrain.config.schema import ModelConfig
+from mmtrain.errors import EXIT_USER_ERROR, report_user_errors
 from mmtrain.models.trainability import numel, parameter_table
 
 # Name fragments that say which method a trainable parameter belongs to, checked in order.
@@ -104,11 +105,13 @@ def format_counts(result: dict) -> str:
     return "\n".join(lines)
 
 
+@report_user_errors
 def main(argv: list[str] | None = None, prog: str = "mmtrain params") -> int:
-    """`mmtrain params CONFIG.yaml [--set KEY=VALUE ...] [--json OUT]`."""
+    """`mmtrain params CONFIG.yaml [--set KEY=VALUE ...] [--json OUT]`; exit 2 with `error: ...` when the
+    config (a UserError such as ConfigError) or the model files it names cannot be used."""
     import argparse
 
-    from mmtrain.config import ConfigError, load_config
+    from mmtrain.config import load_config
     from mmtrain.utils.io import atomic_write_json
 
     parser = argparse.ArgumentParser(prog=prog, description="Count trainable and frozen parameters per component "
@@ -117,12 +120,12 @@ def main(argv: list[str] | None = None, prog: str = "mmtrain params") -> int:
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
     parser.add_argument("--json", help="also write the counts to this JSON file")
     args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
     try:
-        cfg = load_config(args.config, args.overrides)
         result = count_parameters(cfg.model)
-    except (ConfigError, ValueError, FileNotFoundError, OSError) as error:
-        print(f"{prog}: {error}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as error:  # also transformers' own: a model folder or config it cannot read
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
     print(format_counts(result))
     if args.json:
         atomic_write_json(args.json, {"config": args.config, **result})

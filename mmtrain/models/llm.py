@@ -18,37 +18,11 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mmtrain.config.schema import LLMConfig
+from mmtrain.models.language_model import IGNORE_INDEX, LanguageModel
+from mmtrain.models.seq2seq import build_seq2seq_llm
 
-IGNORE_INDEX = -100
-
-
-class LanguageModel(nn.Module):
-    """Interface the VLM relies on; subclasses wrap a Hugging Face model as `self.model`."""
-
-    is_encoder_decoder: bool = False
-    hidden_size: int
-    vocab_size: int
-    model: nn.Module
-    # Instances may carry `modality`, an MMA `ModalityToken`; their forward methods then take `has_image`.
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def forward(self, inputs_embeds, attention_mask, labels=None):
-        raise NotImplementedError
-
-    def enable_gradient_checkpointing(self) -> None:
-        # Non-reentrant: works with a frozen LM whose inputs (the visual embeddings) need grads.
-        kwargs = {"use_reentrant": False}
-        if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5 name
-            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-    def generate(self, inputs_embeds, attention_mask, max_new_tokens, eos_token_id, pad_token_id, synced_ranks=False):
-        """Greedy decoding from left-padded prompt embeddings; returns the new token ids."""
-        raise NotImplementedError
-
+__all__ = ["IGNORE_INDEX", "CausalLM", "LanguageModel", "build_llm", "decoder_layers", "llm_hidden_size", "load_tokenizer",
+           "resolve_llm_config"]
 
 # Architectures whose logits are exactly `lm_head(final hidden state)` (no soft-capping or scaling),
 # for which the loss can be computed on the target positions only.
@@ -150,9 +124,9 @@ def resolve_llm_config(cfg: LLMConfig):
 def build_llm(cfg: LLMConfig, attn_implementation: str, dtype: torch.dtype = torch.float32) -> LanguageModel:
     """Load the LM named by `cfg.name_or_path` (or build it randomly from `cfg.config`).
 
-    Decoder-only LMs become `CausalLM`, encoder-decoder ones (T5, BART) `Seq2SeqLM`. Adapters
-    (`cfg.adapter`, `cfg.lora`) are attached later, by `attach_llm_adapters`, outside any ZeRO-3
-    construction context.
+    Decoder-only LMs become `CausalLM`, encoder-decoder ones (T5, BART) `Seq2SeqLM`. The methods'
+    modules (adapters, LoRA, VL-PET) are attached later by their plug-ins, outside any ZeRO-3
+    construction context (`mmtrain.models.build`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -160,15 +134,7 @@ def build_llm(cfg: LLMConfig, attn_implementation: str, dtype: torch.dtype = tor
 
     config = resolve_llm_config(cfg)
     if getattr(config, "is_encoder_decoder", False):
-        from mmtrain.models.seq2seq import build_seq2seq_llm
-
-        if cfg.adapter is not None:
-            raise ValueError("model.llm.adapter: MMA adapters attach to decoder-only LMs; for "
-                             f"{config.model_type} use model.llm.vl_pet")
-        return build_seq2seq_llm(config, cfg, attn_implementation, dtype, attach_vl_pet=False)
-    if cfg.vl_pet is not None:
-        raise ValueError(f"model.llm.vl_pet needs an encoder-decoder LM (T5, BART); {config.model_type} is "
-                         "decoder-only (use model.llm.adapter for MMA adapters, or model.llm.lora)")
+        return build_seq2seq_llm(config, cfg, attn_implementation, dtype)
     kwargs = dict(attn_implementation=attn_implementation, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     kwargs.update(quantization_kwargs(cfg, dtype))
     if cfg.name_or_path:
@@ -177,40 +143,12 @@ def build_llm(cfg: LLMConfig, attn_implementation: str, dtype: torch.dtype = tor
         model = AutoModelForCausalLM.from_config(config, **kwargs)
     if cfg.quantization != "none":
         keep_cpu_layout(model)
-    mark_translator(model)
     return CausalLM(model)
 
 
-def attach_llm_adapters(llm: LanguageModel, cfg: LLMConfig) -> None:
-    """Attach the LLM's MMA adapters (and modality token), VL-PET or LoRA, as `cfg` asks.
-
-    Called after the LLM is built and outside ZeRO-3's construction context: modules created inside
-    it are partitioned before their own initialisation runs, which would lose the zero init.
-    """
-    if cfg.adapter is not None and cfg.lora is not None:
-        raise ValueError("model.llm: choose one of `adapter` (MMA) and `lora`, not both")
-    if cfg.adapter is not None:
-        from mmtrain.methods.mma.adapters import ModalityToken, attach_adapters
-        from mmtrain.models.trainability import mark_adapter
-
-        llm.adapters = attach_adapters(decoder_layers(llm.model), llm.hidden_size, cfg.adapter,
-                                       key="model.llm.adapter")
-        wants_token = cfg.adapter.modality_token
-        if wants_token is None:
-            wants_token = cfg.adapter.kind == "router"
-        if wants_token:
-            if llm.model.config._attn_implementation == "flash_attention_2":
-                if cfg.attn_implementation == "flash_attention_2":
-                    raise ValueError("model.llm.adapter.modality_token needs a custom attention mask, which "
-                                     "flash-attn cannot take: set model.llm.attn_implementation: sdpa (or auto)")
-                llm.model.set_attn_implementation("sdpa")  # `auto` picked flash-attn: take the next best
-            llm.modality = mark_adapter(ModalityToken(llm.hidden_size))
-    if cfg.vl_pet is not None:
-        llm.attach_vl_pet(cfg.vl_pet)
-    if cfg.lora is not None:
-        from mmtrain.methods.lora.inject import attach_lora
-
-        attach_lora(llm.model, cfg.lora)
+def llm_hidden_size(cfg: LLMConfig) -> int:
+    """The LLM's width, read from its config alone (no weights loaded)."""
+    return resolve_llm_config(cfg).hidden_size
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -220,25 +158,6 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     if not isinstance(layers, nn.ModuleList):
         raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (expected `model.layers`)")
     return layers
-
-
-def mark_translator(model: nn.Module) -> None:
-    """Flag a surrogate's translator layer as an adapter, so `trainable: adapters` trains it alone.
-
-    Surrogates built by `mmtrain surrogate build` record the translator's index in their config
-    (`mmtrain_surrogate.translator_layer`); other models are left as they are.
-    """
-    from mmtrain.models.trainability import mark_adapter
-
-    info = getattr(model.config, "mmtrain_surrogate", None)
-    if not info:
-        return
-    index = int(info["translator_layer"])
-    layers = decoder_layers(model)
-    if not 0 <= index < len(layers):
-        raise ValueError(f"the surrogate's config names translator layer {index} but the model has "
-                         f"{len(layers)} layers: its config.json was edited or is not a surrogate's")
-    mark_adapter(layers[index])
 
 
 def load_tokenizer(cfg: LLMConfig):

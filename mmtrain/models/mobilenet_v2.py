@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmtrain.config.paths import cache_dir
 from mmtrain.errors import UserError
 from mmtrain.config.schema import VisionConfig
-from mmtrain.models.vision import VisionTower, register_vision_tower
+from mmtrain.models.tower import VisionTower, register_vision_tower
 
 KERAS_BN_EPS = 1e-3
 KERAS_BN_MOMENTUM = 0.999
@@ -372,8 +373,6 @@ def _num_stages(feature_layer: int) -> int:
 
 def resolve_pretrained_folder(name_or_path: str) -> Path:
     """A folder given directly, or the name of a prepared asset under `MMTRAIN_CACHE/models/`."""
-    from mmtrain.assets.common import cache_dir
-
     path = Path(name_or_path).expanduser()
     candidates = [path]
     if len(path.parts) == 1:

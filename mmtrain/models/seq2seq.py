@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import Seq2SeqLMOutput
 
-from mmtrain.config.schema import LLMConfig, VLPETConfig
-from mmtrain.models.llm import IGNORE_INDEX, LanguageModel
+from mmtrain.config.schema import LLMConfig
+from mmtrain.models.language_model import IGNORE_INDEX, LanguageModel
 
 # Encoders that multiply given `inputs_embeds` by `embed_scale` as well: no extra factor in `embed`.
 _SCALES_INPUTS_EMBEDS = frozenset({"fsmt"})
@@ -71,8 +71,7 @@ def _encoder_input_scale(model: nn.Module) -> float:
 class Seq2SeqLM(LanguageModel):
     """A Hugging Face `AutoModelForSeq2SeqLM`: image + prompt into the encoder, the target out of the decoder.
 
-    The loss is the mean token cross-entropy over the targets, in float32; `vl_pet` holds the
-    attached VL-PET modules, if any.
+    The loss is the mean token cross-entropy over the targets, in float32.
     """
 
     is_encoder_decoder = True
@@ -83,16 +82,6 @@ class Seq2SeqLM(LanguageModel):
         self.hidden_size = getattr(model.config, "d_model", None) or model.config.hidden_size
         self.vocab_size = model.config.vocab_size
         self.embed_scale = _encoder_input_scale(model)
-        self.vl_pet = None
-
-    def attach_vl_pet(self, cfg: VLPETConfig):
-        """Attach VL-PET (see `mmtrain.methods.vl_pet.modules`); its modules and norms are flagged as adapters."""
-        from mmtrain.methods.vl_pet.modules import attach_vl_pet
-
-        if self.vl_pet is not None:
-            raise ValueError("VL-PET is already attached to this LM")
-        self.vl_pet = attach_vl_pet(self.model, cfg)
-        return self.vl_pet
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         encoder = self.model.get_encoder()
@@ -165,11 +154,10 @@ class Seq2SeqLM(LanguageModel):
         return out[:, 1:]
 
 
-def build_seq2seq_llm(config, cfg: LLMConfig, attn_implementation: str, dtype: torch.dtype = torch.float32,
-                      *, attach_vl_pet: bool = True) -> Seq2SeqLM:
+def build_seq2seq_llm(config, cfg: LLMConfig, attn_implementation: str, dtype: torch.dtype = torch.float32) -> Seq2SeqLM:
     """Load `cfg.name_or_path` (or build randomly from the resolved `config`) as a `Seq2SeqLM`.
 
-    With `cfg.vl_pet` (and `attach_vl_pet`) VL-PET is attached and flagged for `trainable: adapters`.
+    VL-PET, when the config asks for it, is attached afterwards by its plug-in (`mmtrain.methods.vl_pet`).
     `auto` attention falls back to SDPA for models without flash-attn support (T5).
     """
     from transformers import AutoModelForSeq2SeqLM
@@ -186,7 +174,4 @@ def build_seq2seq_llm(config, cfg: LLMConfig, attn_implementation: str, dtype: t
         model = AutoModelForSeq2SeqLM.from_pretrained(cfg.name_or_path, config=config, **kwargs)
     else:
         model = AutoModelForSeq2SeqLM.from_config(config, **kwargs)
-    llm = Seq2SeqLM(model)
-    if cfg.vl_pet is not None and attach_vl_pet:
-        llm.attach_vl_pet(cfg.vl_pet)
-    return llm
+    return Seq2SeqLM(model)

@@ -8,26 +8,12 @@ Every tower exposes the same interface: `forward(pixel_values) -> [B, T, D]`, `o
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import nn
 
-from mmtrain.config.schema import AdapterConfig, VisionConfig
-
-VisionBuilder = Callable[[VisionConfig, str], "VisionTower"]
-VISION_TOWERS: dict[str, VisionBuilder] = {}
-
-
-def register_vision_tower(kind: str) -> Callable[[VisionBuilder], VisionBuilder]:
-    """Decorator: make `model.vision.kind: <kind>` build towers with the decorated function."""
-
-    def wrap(builder: VisionBuilder) -> VisionBuilder:
-        VISION_TOWERS[kind] = builder
-        return builder
-
-    return wrap
-
+from mmtrain.config.schema import VisionConfig
+import mmtrain.models.mobilenet_v2  # noqa: F401  (registers the `mobilenetv2` family)
+from mmtrain.models.tower import VISION_TOWERS, VisionTower, register_vision_tower
 
 def build_vision_tower(cfg: VisionConfig, attn_implementation: str) -> "VisionTower":
     """Build the tower named by `cfg.kind`."""
@@ -38,20 +24,6 @@ def build_vision_tower(cfg: VisionConfig, attn_implementation: str) -> "VisionTo
         )
     return VISION_TOWERS[cfg.kind](cfg, attn_implementation)
 
-
-class VisionTower(nn.Module):
-    """Interface shared by all towers."""
-
-    out_dim: int
-    num_tokens: int
-    image_shape: tuple[int, int, int]
-
-    def image_transform(self, image) -> torch.Tensor:  # PIL.Image -> [C, H, W]
-        raise NotImplementedError
-
-    def blocks(self) -> list[nn.Module]:
-        """The tower's sequential blocks, bottom to top (for `trainable_top_k`)."""
-        raise NotImplementedError
 
 
 class HFVisionTower(VisionTower):
@@ -143,18 +115,3 @@ def build_hf_tower(cfg: VisionConfig, attn_implementation: str) -> HFVisionTower
     if hasattr(model, "vision_model") and hasattr(model.config, "vision_config"):
         model = model.vision_model  # a dual encoder (CLIP/SigLIP): keep the image side only
     return HFVisionTower(model, processor, cfg.feature_layer, cfg.drop_cls, cfg.cls_every)
-
-
-def attach_vision_adapters(tower: VisionTower, cfg: AdapterConfig):
-    """MMA adapters before self-attention in every block of a transformer tower; the routers read
-    each sample's CLS token (position 0)."""
-    from mmtrain.methods.mma.adapters import attach_adapters
-
-    if not isinstance(tower, HFVisionTower):
-        raise ValueError(f"model.vision.adapter: MMA adapters go before self-attention in transformer blocks; "
-                         f"the {type(tower).__name__} tower has none (use a Hugging Face ViT, kind: hf)")
-    return attach_adapters(tower.blocks(), tower.model.config.hidden_size, cfg, key="model.vision.adapter")
-
-
-# Other tower families register themselves on import; keep this last (they import this module).
-from mmtrain.models import mobilenet_v2 as _mobilenet_v2  # noqa: E402,F401

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mmtrain.config.paths import TRAINABLE_FILE, RunDir, latest_checkpoint
 from mmtrain.errors import UserError
 
-TRAINABLE_FILE = "trainable.safetensors"
 
 
 class IncompatibleCheckpointError(UserError, ValueError):
@@ -64,9 +64,7 @@ def trainable_weights_file(path: Path) -> Path:
     latest complete checkpoint)."""
     if not path.is_dir():
         return path
-    if not (path / TRAINABLE_FILE).is_file() and (path / "checkpoints").is_dir():
-        from mmtrain.engine.checkpoint import latest_checkpoint
-
+    if not (path / TRAINABLE_FILE).is_file() and RunDir(path).checkpoints.is_dir():
         latest = latest_checkpoint(path)
         if latest is not None:
             return latest / TRAINABLE_FILE

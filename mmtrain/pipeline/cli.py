@@ -13,6 +13,7 @@ import signal
 import sys
 
 from mmtrain.config.loader import ConfigError
+from mmtrain.errors import EXIT_USER_ERROR, report_user_errors
 
 EPILOG = """\
 --set KEY=VALUE applies to every stage; --set STAGE.KEY=VALUE to one stage (e.g. --set align.max_steps=5).
@@ -39,6 +40,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
+@report_user_errors
 def main(argv: list[str] | None = None, prog: str = "mmtrain run") -> int:
     args = build_parser(prog).parse_args(argv)
     from mmtrain.pipeline.recipe import load_recipe
@@ -46,24 +48,21 @@ def main(argv: list[str] | None = None, prog: str = "mmtrain run") -> int:
 
     if args.restart_from and (args.plan or args.stage):
         print(f"error: --restart-from does not combine with {'--plan' if args.plan else '--stage'}", file=sys.stderr)
-        return 2
-    try:
-        pipeline = load_recipe(args.recipe, args.overrides, args.output_dir)
-        for name in (args.stage, args.restart_from):
-            if name is not None:
-                pipeline.stage(name)
-        if args.srun:
-            use_srun(pipeline)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    # A recipe, stage name or --srun error is a UserError: report_user_errors prints it, exit 2.
+    pipeline = load_recipe(args.recipe, args.overrides, args.output_dir)
+    for name in (args.stage, args.restart_from):
+        if name is not None:
+            pipeline.stage(name)
+    if args.srun:
+        use_srun(pipeline)
     if args.plan:
         print(format_plan(pipeline))
         return 0
     signal.signal(signal.SIGTERM, _exit_on_signal)  # stop the running stage's subprocess cleanly
     try:
         return run_pipeline(pipeline, only=args.stage, restart_from=args.restart_from)
-    except PipelineError as exc:
+    except PipelineError as exc:  # its own exit code: 1 a stage failed, 2 the run folder disagrees
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

@@ -23,7 +23,9 @@ from typing import Any, Literal
 import yaml
 
 from mmtrain.config.loader import ConfigError, assign_dotted, from_dict, read_yaml_mapping, to_dict
-from mmtrain.config.schema import InitSource, RunConfig, WordConverterConfig
+from mmtrain.config.methods import sections, with_hook, with_sections
+from mmtrain.config.paths import RunDir
+from mmtrain.config.schema import InitSource, RunConfig
 
 STAGE_CONFIG_FILE = "stage_config.yaml"
 COMPONENTS = ("vision", "resampler", "projector", "llm")
@@ -53,7 +55,7 @@ class LaunchConfig:
 
 
 @dataclass
-class InheritSpec:
+class _InheritCore:
     """Weights a stage takes from an earlier stage's final checkpoint. YAML: `{from, modules, rename, strict}`."""
 
     stage: str
@@ -62,9 +64,11 @@ class InheritSpec:
     """Parameter-name prefixes (`resampler`, `projector`, ...); empty = every tensor of its checkpoint."""
     rename: dict[str, str] = field(default_factory=dict)
     strict: bool = True
-    word_converter: WordConverterConfig | None = None
-    """VPGTrans: map the inherited projector into this stage's LLM through a word converter; its
-    `source_llm` defaults to the inherited stage's LLM."""
+
+
+InheritSpec = with_sections(_InheritCore, "inherit", "InheritSpec")
+"""An inherit entry plus the method sections it takes (VPGTrans: `word_converter`, whose `source_llm`
+defaults to the inherited stage's LLM)."""
 
 
 @dataclass
@@ -130,7 +134,7 @@ class Stage:
     @property
     def final_checkpoint(self) -> Path:
         """The checkpoint a complete stage ends with (the one saved at `max_steps`)."""
-        return self.folder / "checkpoints" / f"step_{self.config.max_steps:08d}"
+        return RunDir(self.folder).checkpoint(self.config.max_steps)
 
     @property
     def config_file(self) -> Path:
@@ -335,7 +339,7 @@ def _flat_keys(mapping: dict[str, Any], prefix: str = "") -> list[str]:
 
 
 def _parse_inherit(path: Path, where: str, entry: Any) -> InheritSpec:
-    allowed = ("from", "modules", "rename", "strict", "word_converter")
+    allowed = ("from", "modules", "rename", "strict", *(name for name, _, _ in sections("inherit")))
     if not isinstance(entry, dict):
         raise ConfigError(f"{path}: {where}: must be a mapping like {{from: STAGE, modules: [projector]}}, "
                           f"got {entry!r}")
@@ -358,6 +362,20 @@ def trained_components(config: RunConfig) -> set[str]:
         if part.trainable != "frozen" or getattr(part, "trainable_top_k", 0) > 0:
             trained.add(name)
     return trained
+
+
+def _method_sections(spec: InheritSpec, source: Stage, key: str) -> dict[str, Any]:
+    """The method sections of an inherit entry, each completed by its method from the inherited stage."""
+    trained = trained_components(source.config)
+    out: dict[str, Any] = {}
+    for name, _, _ in sections("inherit"):
+        value = getattr(spec, name)
+        if value is None:
+            continue
+        for _, resolve in with_hook("resolve_inherit"):
+            value = resolve(name, value, spec.stage, source.config, trained, f"{key}.{name}")
+        out[name] = value
+    return out
 
 
 def _inherited_init(path: Path, where: str, inherits: list[InheritSpec], earlier: list[Stage],
@@ -384,18 +402,9 @@ def _inherited_init(path: Path, where: str, inherits: list[InheritSpec], earlier
                               f"{', '.join(by_name) or '(none: the first stage cannot inherit)'}")
         source = by_name[spec.stage]
         final = str(source.final_checkpoint)
-        converter = None
-        if spec.word_converter is not None:
-            converter = dataclasses.replace(spec.word_converter)
-            if converter.source_llm is None:
-                converter.source_llm = source.config.model.llm.name_or_path
-                converter.source_tokenizer = converter.source_tokenizer or source.config.model.llm.tokenizer
-            if "projector" not in trained_components(source.config):
-                raise ConfigError(f"{key}.word_converter: stage `{spec.stage}` does not train the projector, so "
-                                  "there is no source projector to convert; inherit from the stage that trained it")
+        extra = _method_sections(spec, source, key)
         if not spec.modules:
-            sources.append(InitSource(path=final, modules=[], rename=dict(spec.rename), strict=spec.strict,
-                                      word_converter=converter))
+            sources.append(InitSource(path=final, modules=[], rename=dict(spec.rename), strict=spec.strict, **extra))
             continue
         trained = trained_components(source.config)
         from_checkpoint = [m for m in spec.modules if m.split(".")[0] not in COMPONENTS or m.split(".")[0] in trained]
@@ -417,7 +426,7 @@ def _inherited_init(path: Path, where: str, inherits: list[InheritSpec], earlier
                                           strict=spec.strict and carried_source.strict))
         if from_checkpoint:
             sources.append(InitSource(path=final, modules=from_checkpoint, rename=dict(spec.rename),
-                                      strict=spec.strict, word_converter=converter))
+                                      strict=spec.strict, **extra))
     requires = []
     for source in sources:
         name = stage_of_checkpoint.get(source.path)

@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from mmtrain.config.loader import ConfigError
+from mmtrain.errors import report_user_errors
 from mmtrain.slurm.options import CLI_KEYS
 
 EPILOG = """\
@@ -43,28 +43,26 @@ def build_submit_parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
+@report_user_errors
 def submit_main(argv: list[str] | None = None, prog: str = "mmtrain submit") -> int:
     args = build_submit_parser(prog).parse_args(argv)
     from mmtrain.pipeline.recipe import load_recipe
     from mmtrain.slurm.render import parse_array_over
     from mmtrain.slurm.submit import SubmitError, plan, submit
 
-    try:
-        array_over = parse_array_over(args.array_over)
-        pipeline = load_recipe(args.recipe, args.overrides, args.output_dir)
-        for name in args.stage or []:
-            pipeline.stage(name)
-        command_line = {key: getattr(args, key) for key in CLI_KEYS}
-        jobs, tasks = plan(pipeline, command_line, args.overrides, array_over, args.stage)
-    except (ConfigError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    # A recipe, option or --array-over error is a UserError (ConfigError): reported as `error: ...`, exit 2.
+    array_over = parse_array_over(args.array_over)
+    pipeline = load_recipe(args.recipe, args.overrides, args.output_dir)
+    for name in args.stage or []:
+        pipeline.stage(name)
+    command_line = {key: getattr(args, key) for key in CLI_KEYS}
+    jobs, tasks = plan(pipeline, command_line, args.overrides, array_over, args.stage)
     if not jobs:
         print(f"nothing to submit: every stage of {pipeline.recipe_path} is done in {pipeline.output_dir}")
         return 0
     try:
         record = submit(pipeline, jobs, tasks, args.overrides, args.dry_run, sys.stdout)
-    except SubmitError as exc:
+    except SubmitError as exc:  # sbatch refused a job or is unreachable: exit 1, as documented above
         print(f"error: {exc}", file=sys.stderr)
         return 1
     where = pipeline.output_dir / "slurm"
@@ -75,6 +73,7 @@ def submit_main(argv: list[str] | None = None, prog: str = "mmtrain submit") -> 
     return 0 if record else 1
 
 
+@report_user_errors
 def status_main(argv: list[str] | None = None, prog: str = "mmtrain status") -> int:
     parser = argparse.ArgumentParser(prog=prog, description="Show the SLURM jobs of a submitted run.")
     parser.add_argument("run", help="the run folder (the recipe's output_dir)")
@@ -84,11 +83,7 @@ def status_main(argv: list[str] | None = None, prog: str = "mmtrain status") -> 
     args = parser.parse_args(argv)
     from mmtrain.slurm.status import format_status, run_status
 
-    try:
-        summary = run_status(args.run, args.wait)
-    except (FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    summary = run_status(args.run, args.wait)  # StatusError (a UserError): not submitted, or no sacct here
     print(json.dumps(summary, indent=2) if args.json else format_status(summary))
     if not summary["final"]:
         return 3

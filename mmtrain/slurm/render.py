@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import mmtrain
+from mmtrain.config.loader import ConfigError
 from mmtrain.pipeline.recipe import Pipeline, Stage, trained_components
 from mmtrain.slurm.options import SlurmOptions
 
@@ -39,13 +40,13 @@ class Variant:
 
 
 def parse_array_over(specs: list[str]) -> list[tuple[str, list[str]]]:
-    """`KEY=V1,V2,...` flags -> [(KEY, [V1, V2, ...])]; ValueError naming the bad flag."""
+    """`KEY=V1,V2,...` flags -> [(KEY, [V1, V2, ...])]; ConfigError (a ValueError) naming the bad flag."""
     parsed = []
     for spec in specs:
         key, sep, values = spec.partition("=")
         items = [v.strip() for v in values.split(",")] if sep else []
         if not key.strip() or not items or any(v == "" for v in items):
-            raise ValueError(f"--array-over {spec!r}: expected KEY=V1,V2,... (e.g. --array-over seed=1,2,3)")
+            raise ConfigError(f"--array-over {spec!r}: expected KEY=V1,V2,... (e.g. --array-over seed=1,2,3)")
         parsed.append((key.strip(), items))
     return parsed
 

@@ -13,10 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from mmtrain.cost.sacct import ACTIVE_STATES, SacctRow, SacctUnavailable, query_jobs
+from mmtrain.errors import UserError
 from mmtrain.pipeline.state import read_json
 from mmtrain.slurm.submit import read_jobs
 
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+class StatusError(UserError, RuntimeError):
+    """The run's status cannot be shown: it was not submitted with `mmtrain submit` (RUN is not its
+    folder), or SLURM accounting (sacct) cannot be read here; the message says which."""
 
 
 def stage_jobs(record: dict[str, Any]) -> dict[str, list[SacctRow]]:
@@ -128,17 +134,21 @@ def format_status(summary: dict[str, Any]) -> str:
 
 
 def run_status(run_dir: str | Path, wait_s: float = 0.0, poll_s: float = 5.0) -> dict[str, Any]:
-    """The run's status; with `wait_s`, poll until every job is final (or the time is up)."""
+    """The run's status; with `wait_s`, poll until every job is final (or the time is up).
+
+    Raises:
+        StatusError: RUN holds no `slurm/jobs.json`, or sacct cannot be read.
+    """
     record = read_jobs(run_dir)
     if record is None:
-        raise FileNotFoundError(f"{Path(run_dir) / 'slurm' / 'jobs.json'} not found: this run was not submitted "
-                                "with `mmtrain submit` (or RUN is not its output folder)")
+        raise StatusError(f"{Path(run_dir) / 'slurm' / 'jobs.json'} not found: this run was not submitted "
+                          "with `mmtrain submit` (or RUN is not its output folder)")
     deadline = time.monotonic() + wait_s
     while True:
         try:
             jobs = stage_jobs(record)
         except SacctUnavailable as exc:
-            raise RuntimeError(f"cannot read job states: {exc}") from None
+            raise StatusError(f"cannot read job states: {exc}") from None
         ids = [e["job_id"] for e in record["stages"] if e.get("job_id")]
         summary = summarise(record, jobs, pending_reasons(ids))
         if summary["final"] or time.monotonic() >= deadline:

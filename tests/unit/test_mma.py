@@ -9,10 +9,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from mmtrain.config import load_config
-from mmtrain.config.schema import AdapterConfig, LLMConfig, LoRAConfig
+from mmtrain.config.schema import LLMConfig
+from mmtrain.methods.lora.config import LoRAConfig
+from mmtrain.methods.mma.config import AdapterConfig
 from mmtrain.data.collate import collate
 from mmtrain.models import build_vlm
-from mmtrain.models.llm import CausalLM, attach_llm_adapters, decoder_layers
+from mmtrain.methods.mma.method import attach_llm_adapters
+from mmtrain.models.llm import CausalLM, decoder_layers
 from mmtrain.methods.mma.adapters import CHILD_NAME, RouterAdapter, attach_adapters, isolated_first_token_mask
 from tests.conftest import TINY_LLM, tiny_config, write_config
 
@@ -286,7 +289,7 @@ def test_lavin_visual_tokens_are_the_cls_after_every_kth_block(tiny_assets, tmp_
 
 
 def test_adapters_need_transformer_blocks():
-    from mmtrain.models.vision import attach_vision_adapters
+    from mmtrain.methods.mma.method import attach_vision_adapters
 
     tower = torch.nn.Identity()
     with pytest.raises(ValueError, match="transformer blocks"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from mmtrain.config.schema import WordConverterConfig
+from mmtrain.methods.vpgtrans.config import WordConverterConfig
 from mmtrain.methods.vpgtrans.converter import (
     ConverterError,
     TokenPairs,

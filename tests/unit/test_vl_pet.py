@@ -10,7 +10,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
-from mmtrain.config.schema import LLMConfig, VLPETConfig
+from mmtrain.config.schema import LLMConfig
+from mmtrain.methods.vl_pet.config import VLPETConfig
+from mmtrain.methods.vl_pet.method import attach_to_llm
 from mmtrain.models.seq2seq import Seq2SeqLM, build_seq2seq_llm, pack
 from mmtrain.models.trainability import ADAPTER_FLAG, _adapter_parameters
 from mmtrain.methods.vl_pet.modules import (
@@ -484,8 +486,9 @@ def test_builder_attaches_and_flags_vl_pet():
     params = dict(SIZES["t5"], vocab_size=512, pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=START)
     cfg = LLMConfig(config={"model_type": "t5", **params}, vl_pet=VLPETConfig(gate="middle_x", **SMALL_PET))
     llm = build_seq2seq_llm(tiny_config("t5"), cfg, "sdpa", torch.float32)
+    attach_to_llm(llm, cfg.vl_pet)  # what the VL-PET plug-in does when build_vlm builds the model
     assert isinstance(llm, Seq2SeqLM) and llm.is_encoder_decoder and llm.hidden_size == 32
     assert llm.vl_pet is not None and len(llm.vl_pet.encoder_modules()) == 4
     assert {id(p) for p in _adapter_parameters(llm)} == {id(p) for p in llm.vl_pet.trainable_parameters()}
     plain = build_seq2seq_llm(tiny_config("t5"), LLMConfig(config=cfg.config), "sdpa", torch.float32)
-    assert plain.vl_pet is None and not _adapter_parameters(plain)
+    assert getattr(plain, "vl_pet", None) is None and not _adapter_parameters(plain)

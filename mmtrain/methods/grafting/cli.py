@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mmtrain.errors import report_user_errors
+
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="LLM surrogates for zero-shot grafting.")
@@ -41,29 +43,24 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
+@report_user_errors
 def main(argv: list[str] | None = None, prog: str = "mmtrain surrogate") -> int:
-    from mmtrain.assets.registry import resolve_cli_reference as _resolve
+    """Run `trajectory` or `build`; a UserError (TrajectoryError, SurrogateBuildError, an `asset:`
+    reference that cannot be resolved) prints `error: ...` and exits 2."""
+    from mmtrain.assets.registry import resolve_asset_reference as _resolve
 
     args = build_parser(prog).parse_args(argv)
     if args.command == "trajectory":
-        from mmtrain.methods.grafting.trajectory import TrajectoryError, run_trajectory
+        from mmtrain.methods.grafting.trajectory import run_trajectory
 
         args.model = _resolve(args.model, "MODEL")
         args.texts = [_resolve(t, "--texts") for t in args.texts]
-        try:
-            run_trajectory(args)
-        except TrajectoryError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        run_trajectory(args)
         return 0
-    from mmtrain.methods.grafting.build import SurrogateBuildError, build_surrogate, parse_size
+    from mmtrain.methods.grafting.build import build_surrogate, parse_size
 
-    try:
-        info = build_surrogate(_resolve(args.target, "TARGET"), args.cut, args.out,
-                               max_shard_bytes=parse_size(args.max_shard_size))
-    except SurrogateBuildError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    info = build_surrogate(_resolve(args.target, "TARGET"), args.cut, args.out,
+                           max_shard_bytes=parse_size(args.max_shard_size))
     print(info.summary())
     return 0
 

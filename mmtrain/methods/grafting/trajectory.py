@@ -30,7 +30,11 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from mmtrain.data.corpus import CorpusError, corpus_texts
+from mmtrain.engine.ds_config import DeepSpeedConfigError
+from mmtrain.engine.placement import Placement, place_pretrained
 from mmtrain.errors import UserError
+from mmtrain.models.llm import decoder_layers
 from mmtrain.utils.io import atomic_write_bytes, atomic_write_json
 
 DEFAULT_THRESHOLD = 0.1
@@ -118,8 +122,6 @@ def _check_threshold(threshold: float) -> float:
 def lens_parts(model: nn.Module) -> LensParts:
     """The decoder layers, final norm and LM head of a Llama/Qwen2/Mistral-style causal LM."""
     kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-    from mmtrain.models.llm import decoder_layers
-
     try:
         layers = decoder_layers(model)
     except ValueError:
@@ -316,16 +318,11 @@ def curves_from_sums(sums: torch.Tensor, num_layers: int) -> dict[str, Any]:
 # Model loading
 
 
-@dataclass
-class LoadedModel:
-    """The model on this rank, where it runs, and the objects that must outlive it."""
-
-    model: nn.Module
-    device: torch.device
-    rank: int
-    world_size: int
-    zero3: bool
-    keepalive: list[Any]
+def _dtype(precision: str) -> torch.dtype:
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if precision not in dtypes:
+        raise TrajectoryError(f"--precision must be one of {', '.join(dtypes)}, got {precision!r}")
+    return dtypes[precision]
 
 
 def _check_model_folder(path: Path) -> None:
@@ -335,60 +332,18 @@ def _check_model_folder(path: Path) -> None:
         raise TrajectoryError(f"{path} has no config.json; pass a Hugging Face causal-LM folder")
 
 
-def _dtype(precision: str) -> torch.dtype:
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    if precision not in dtypes:
-        raise TrajectoryError(f"--precision must be one of {', '.join(dtypes)}, got {precision!r}")
-    return dtypes[precision]
-
-
-def load_single(path: Path, precision: str) -> LoadedModel:
-    """The whole model in this process (CUDA when available)."""
-    from transformers import AutoModelForCausalLM
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(precision)).to(device).eval()
-    return LoadedModel(model, device, rank=0, world_size=1, zero3=False, keepalive=[])
-
-
-def load_sharded(path: Path, precision: str, ds_json: str, batch_size: int) -> LoadedModel:
-    """The model under the launched ranks' process group: partitioned with ZeRO-3, else replicated."""
+def load_model(path: Path, precision: str, ds_json: str | None, batch_size: int) -> Placement:
+    """The causal LM on the launched ranks (`mmtrain.engine.placement`): one process without `ds_json`,
+    partitioned under a ZeRO-3 JSON, replicated under another."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from mmtrain.config.schema import RunConfig
-    from mmtrain.engine.accelerator import move_buffers, on_cpu, release_large_frees_to_os
-    from mmtrain.engine.distributed import init_distributed
-    from mmtrain.engine.ds_config import DeepSpeedConfigError, fill_ds_config, load_ds_json, zero_stage
-
+    dtype = _dtype(precision)
+    hidden = AutoConfig.from_pretrained(path).hidden_size
     try:
-        raw = load_ds_json(ds_json)
-        hidden = AutoConfig.from_pretrained(path).hidden_size
-        cfg = RunConfig(deepspeed=ds_json, micro_batch_size=batch_size, precision=precision)
-        dist = init_distributed()
-        ds = fill_ds_config(raw, cfg, dist.world_size, hidden, source=ds_json)
+        return place_pretrained(lambda: AutoModelForCausalLM.from_pretrained(path, dtype=dtype), ds_json,
+                                batch_size, precision, hidden)
     except DeepSpeedConfigError as exc:
         raise TrajectoryError(str(exc)) from None
-    ds.pop("optimizer", None)  # parameters only: nothing trains here
-    zero3 = zero_stage(ds) == 3
-    device = torch.device("cpu") if on_cpu() else torch.device("cuda", dist.local_rank)
-    keepalive: list[Any] = []
-    if zero3:
-        import deepspeed
-        from transformers.integrations import HfDeepSpeedConfig
-
-        if on_cpu():
-            release_large_frees_to_os()
-        keepalive.append(HfDeepSpeedConfig(ds))  # alive during from_pretrained: built inside zero.Init
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(precision))
-        model.requires_grad_(False)
-        if not on_cpu():
-            move_buffers(model, device)
-        engine, *_ = deepspeed.initialize(model=model, config=ds)
-        keepalive.insert(0, engine)
-        model, device = engine.module, engine.device
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(precision)).to(device)
-    return LoadedModel(model.eval(), device, dist.rank, dist.world_size, zero3, keepalive)
 
 
 def _gather_lens_weights(parts: LensParts, zero3: bool) -> Callable[[], contextlib.AbstractContextManager]:
@@ -499,11 +454,8 @@ def run_trajectory(args: Any) -> dict[str, Any]:
     `args` has model, texts, out, num_texts, max_length, batch_size, threshold, deepspeed, precision.
     Every rank returns the result; rank 0 writes the files.
     """
-    if args.deepspeed:
-        import mmtrain.engine  # noqa: F401  (selects DeepSpeed's CPU accelerator before anything imports deepspeed)
     from transformers import AutoTokenizer
 
-    from mmtrain.methods.vpgtrans.converter import ConverterError, corpus_texts
 
     started = time.time()
     model_dir = Path(args.model)
@@ -520,16 +472,13 @@ def run_trajectory(args: Any) -> dict[str, Any]:
         _check_threshold(args.threshold)  # before the (long) run
     try:
         texts = corpus_texts(args.texts)
-    except ConverterError as exc:
+    except CorpusError as exc:
         raise TrajectoryError(str(exc).replace("word_converter.corpus", "--texts")) from None
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     seqs = tokenize_texts(tokenizer, texts, args.num_texts, args.max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    if args.deepspeed:
-        loaded = load_sharded(model_dir, args.precision, args.deepspeed, args.batch_size)
-    else:
-        loaded = load_single(model_dir, args.precision)
+    loaded = load_model(model_dir, args.precision, args.deepspeed, args.batch_size)
     parts = lens_parts(loaded.model)
     local_params, total_params = parameter_counts(loaded.model)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from mmtrain.config.schema import LoRAConfig
+from mmtrain.methods.lora.config import LoRAConfig
 from mmtrain.models.trainability import mark_adapter
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from mmtrain.config.schema import AdapterConfig
+from mmtrain.methods.mma.config import AdapterConfig
 from mmtrain.models.trainability import mark_adapter
 
 CHILD_NAME = "mma_adapter"

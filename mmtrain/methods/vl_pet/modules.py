@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from mmtrain.config.schema import VLPETConfig
+from mmtrain.methods.vl_pet.config import VLPETConfig
 from mmtrain.models.trainability import ADAPTER_FLAG, mark_adapter
 
 GATES = ("large", "middle_x", "middle_y", "small", "none")

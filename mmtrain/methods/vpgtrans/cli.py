@@ -15,8 +15,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from mmtrain.assets.registry import resolve_cli_reference as _resolve
-from mmtrain.config.schema import WordConverterConfig
+from mmtrain.assets.registry import resolve_asset_reference as _resolve
+from mmtrain.errors import EXIT_USER_ERROR, report_user_errors
+from mmtrain.methods.vpgtrans.config import WordConverterConfig
 
 _DEFAULTS = WordConverterConfig()
 
@@ -102,15 +103,14 @@ def _speedup(args: argparse.Namespace) -> int:
     return 0
 
 
+@report_user_errors
 def main(argv: list[str] | None = None, prog: str = "mmtrain transfer") -> int:
-    from mmtrain.methods.vpgtrans.converter import ConverterError
-    from mmtrain.methods.vpgtrans.embeddings import EmbeddingReadError
-    from mmtrain.methods.vpgtrans.speedup import SpeedupError
-
+    """Run a VPGTrans tool; a UserError (ConverterError, EmbeddingReadError, SpeedupError, an `asset:`
+    reference that cannot be resolved...) or a missing file prints `error: ...` and exits 2."""
     args = build_parser(prog).parse_args(argv)
     handlers = {"converter": _converter, "merge": _merge, "speedup": _speedup}
     try:
         return handlers[args.command](args)
-    except (ConverterError, EmbeddingReadError, SpeedupError, FileNotFoundError) as exc:
+    except FileNotFoundError as exc:  # a checkpoint, converter or corpus file that is not there
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR

@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from mmtrain.errors import UserError
-from mmtrain.config.schema import WordConverterConfig
+from mmtrain.methods.vpgtrans.config import WordConverterConfig
+from mmtrain.data.corpus import CorpusError
+from mmtrain.data.corpus import corpus_texts as read_corpus
 from mmtrain.utils.io import atomic_write_bytes
 
 CONVERTER_FILE = "word_converter.safetensors"
@@ -34,26 +36,11 @@ class ConverterError(UserError, ValueError):
 
 # ---------------------------------------------------------------------------------------------- corpus
 def corpus_texts(paths: Iterable[str | Path]) -> list[str]:
-    """The texts of a corpus: captions and conversation turns of JSONL manifests, lines of other files."""
-    from mmtrain.data.manifest import read_manifest
-
-    texts: list[str] = []
-    for path in paths:
-        path = Path(path)
-        if not path.is_file():
-            raise ConverterError(f"word_converter.corpus: {path} does not exist")
-        if path.suffix == ".jsonl":
-            for sample in read_manifest(path):
-                if sample.text is not None:
-                    texts.append(sample.text)
-                for _, value in sample.conversations or ():
-                    texts.append(value.replace("<image>", " ").strip())
-        else:
-            texts += [line.strip() for line in path.read_text(errors="replace").splitlines()]
-    texts = [t for t in texts if t]
-    if not texts:
-        raise ConverterError(f"word_converter.corpus: no text in {', '.join(str(p) for p in paths)}")
-    return texts
+    """`mmtrain.data.corpus.corpus_texts`, its errors naming `word_converter.corpus`."""
+    try:
+        return read_corpus(paths, key="word_converter.corpus")
+    except CorpusError as exc:
+        raise ConverterError(str(exc)) from None
 
 
 def same_vocabulary(source_tokenizer: Any, target_tokenizer: Any) -> bool:

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmtrain.config.schema import InitSource, RunConfig, WordConverterConfig
+from mmtrain.config.schema import InitSource, RunConfig
+from mmtrain.methods.vpgtrans.config import WordConverterConfig
 from mmtrain.methods.vpgtrans.converter import (
     CONVERTER_FILE,
     ConverterError,

@@ -1,0 +1,34 @@
+"""VL-PET as a plug-in: attach its modules to an encoder-decoder LLM as `model.llm.vl_pet` asks."""
+
+from __future__ import annotations
+
+from mmtrain.config.methods import MethodSpec
+from mmtrain.config.schema import ModelConfig
+from mmtrain.methods.vl_pet.config import VLPETConfig
+from mmtrain.methods.vl_pet.modules import AttachedVLPET, attach_vl_pet
+from mmtrain.models.llm import LanguageModel
+from mmtrain.models.vlm import VisionLanguageModel
+
+
+def attach_to_llm(llm: LanguageModel, cfg: VLPETConfig) -> AttachedVLPET:
+    """Attach VL-PET to a `Seq2SeqLM`; its modules and encoder norms are flagged as adapters (`llm.vl_pet`)."""
+    if not llm.is_encoder_decoder:
+        raise ValueError(f"model.llm.vl_pet needs an encoder-decoder LM (T5, BART); {llm.model.config.model_type} "
+                         "is decoder-only (use model.llm.adapter for MMA adapters, or model.llm.lora)")
+    if getattr(llm, "vl_pet", None) is not None:
+        raise ValueError("VL-PET is already attached to this LM")
+    llm.vl_pet = attach_vl_pet(llm.model, cfg)
+    return llm.vl_pet
+
+
+def attach(model: VisionLanguageModel, cfg: ModelConfig) -> None:
+    if cfg.llm.vl_pet is not None:
+        attach_to_llm(model.llm, cfg.llm.vl_pet)
+
+
+METHOD = MethodSpec(
+    name="vl_pet",
+    summary="VL-PET: granularity-controlled modules on an encoder-decoder LLM (T5, BART)",
+    attach_order=20,
+    attach=attach,
+)
