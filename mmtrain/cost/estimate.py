@@ -30,6 +30,15 @@ from torch import nn
 from mmtrain.cost.flops import step_flops_model
 from mmtrain.cost.hardware import MEMORY_GIB, known_gpu_types, normalise_gpu_type, peak_flops
 from mmtrain.engine.ds_config import zero_stage
+from mmtrain.models.counting import build_on_meta
+from mmtrain.config.loader import resolve_asset_references
+from mmtrain.models.build import build_vlm
+from mmtrain.models.counting import config_only
+from mmtrain.data.errors import ManifestError
+from mmtrain.data.manifest import scan_manifest
+from mmtrain.data.templates import get_template
+from mmtrain.engine.ds_config import DeepSpeedConfigError, fill_ds_config, load_ds_json
+from mmtrain.models.llm import load_tokenizer
 
 GIB = 2**30
 SAMPLE_RECORDS = 256
@@ -119,8 +128,6 @@ def estimate_pipeline(pipeline, gpus: int, gpu_type: str, nodes: int = 1, mfu: f
 
 def meta_model(model_cfg) -> nn.Module:
     """The VLM of `model_cfg` on the meta device, as the estimate counts it (see `_counting_config`)."""
-    from mmtrain.models.counting import build_on_meta
-
     return build_on_meta(_counting_config(model_cfg))
 
 
@@ -143,8 +150,6 @@ def _single(by_precision: dict[str, float]) -> float | dict[str, float]:
 
 def _estimate_stage(stage, gpus: int, nodes: int, gpu: str | None, peak: float, mfu: float,
                     models: dict[str, nn.Module], notes: list[str]) -> dict:
-    from mmtrain.config.loader import resolve_asset_references
-
     cfg = copy.deepcopy(stage.config)
     resolve_asset_references(cfg.model, f"stage {stage.name}", "model.")
     key = repr(cfg.model)  # stages often share a model: build each once
@@ -183,8 +188,6 @@ def _step_flops(model: nn.Module, cfg, sequence: int, models: dict[str, nn.Modul
         if size > CPU_COUNT_LIMIT:
             raise ValueError(f"cannot count this model's FLOPs on the meta device ({exc}), and at {size / 1e9:.1f}B "
                              "parameters it is too large to count on the CPU") from None
-    from mmtrain.models.build import build_vlm
-    from mmtrain.models.counting import config_only
 
     key = "cpu:" + repr(cfg.model)
     try:
@@ -201,8 +204,6 @@ def _step_flops(model: nn.Module, cfg, sequence: int, models: dict[str, nn.Modul
 # ---------------------------------------------------------------------------------------------- data
 def _sample_statistics(cfg, model: nn.Module, notes: list[str]) -> tuple[float, int, float, str]:
     """(mean tokens per sample, longest sampled sample, share of samples with an image, tokens_source)."""
-    from mmtrain.config.loader import resolve_asset_references
-
     max_length = cfg.data.max_length
     fallback = (float(max_length), max_length, 1.0, "max_length")
     if not cfg.data.train:
@@ -218,8 +219,6 @@ def _sample_statistics(cfg, model: nn.Module, notes: list[str]) -> tuple[float, 
         return fallback
     tokenizer = None
     try:
-        from mmtrain.models.llm import load_tokenizer
-
         tokenizer = load_tokenizer(cfg.model.llm)
     except Exception as exc:  # any tokenizer problem: fall back to counting characters
         notes.append(f"tokenizer not loadable ({type(exc).__name__}: {exc}); text tokens ~ characters / "
@@ -250,9 +249,6 @@ def _sample_statistics(cfg, model: nn.Module, notes: list[str]) -> tuple[float, 
 
 
 def _first_records(path: str) -> list:
-    from mmtrain.data.errors import ManifestError
-    from mmtrain.data.manifest import scan_manifest
-
     samples = []
     for item in scan_manifest(path):
         if not isinstance(item, ManifestError):
@@ -269,8 +265,6 @@ def _count_records(path: str) -> int:
 
 def _encoded_length(sample, tokenizer, num_image_tokens: int, data) -> int | None:
     """The sample's sequence length as the dataset encodes it (None: a bad sample, which is skipped)."""
-    from mmtrain.data.templates import get_template
-
     if tokenizer is not None:
         try:
             return len(get_template(data.template).encode(sample, tokenizer, num_image_tokens,
@@ -288,8 +282,6 @@ def _encoded_length(sample, tokenizer, num_image_tokens: int, data) -> int | Non
 # ---------------------------------------------------------------------------------------------- memory
 def _deepspeed_config(cfg, stage_name: str, gpus: int, hidden_size: int) -> dict[str, Any]:
     """The stage's DeepSpeed JSON filled as the trainer fills it (paths relative to the repo as a fallback)."""
-    from mmtrain.engine.ds_config import DeepSpeedConfigError, fill_ds_config, load_ds_json
-
     path = Path(cfg.deepspeed)
     if not path.is_file() and not path.is_absolute() and (REPO / path).is_file():
         path = REPO / path

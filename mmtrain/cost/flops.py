@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from mmtrain.models.trainability import numel
+
 PER_IMAGE = ("vision", "resampler", "projector")
 
 
@@ -55,8 +57,6 @@ class StepFlops:
 
 def pass_multipliers(model: nn.Module, gradient_checkpointing: bool = False) -> dict[str, float]:
     """Forward + backward passes each component costs per step, in forward units (module docstring)."""
-    from mmtrain.models.trainability import numel
-
     out: dict[str, float] = {}
     trainable_before = False
     for name, module in model.components().items():
@@ -151,7 +151,5 @@ def step_flops_model(model: nn.Module, sequence_length: int, gradient_checkpoint
 
 def _matmul_parameters(module: nn.Module) -> int:
     """Parameters outside embedding tables (each does one multiply-add per token)."""
-    from mmtrain.models.trainability import numel
-
     embedding = {id(p) for m in module.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     return sum(numel(p) for p in module.parameters() if id(p) not in embedding)

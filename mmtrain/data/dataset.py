@@ -23,6 +23,8 @@ from mmtrain.data.images import ImageLoadError, load_image
 from mmtrain.data.manifest import Sample
 from mmtrain.data.templates import Encoded, PromptTemplate, TokenizerLike
 from mmtrain.utils.io import append_line
+from mmtrain.data.manifest import read_manifest
+from mmtrain.data.templates import get_template
 
 logger = logging.getLogger(__name__)
 
@@ -121,9 +123,6 @@ class VLMDataset(Dataset[dict[str, Any]]):
             data_cfg: the run config's `data` section (template, max_length, bad_samples).
             subset: keep a seeded random subset of this many samples (in manifest order).
         """
-        from mmtrain.data.manifest import read_manifest
-        from mmtrain.data.templates import get_template
-
         manifests = manifest if isinstance(manifest, list) else [manifest]
         samples = [sample for path in manifests for sample in read_manifest(path)]
         if subset is not None:

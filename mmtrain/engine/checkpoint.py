@@ -27,17 +27,32 @@ from mmtrain.utils.io import atomic_write_json
 __all__ = ["DS_TAG", "META_FILE", "TRAINABLE_FILE", "checkpoint_dir", "complete_checkpoints", "latest_checkpoint",
            "load_checkpoint", "resolve_resume", "save_checkpoint", "trainable_state_dict"]
 _GATHER_CHUNK = 50_000_000
+_MISMATCHES_SHOWN = 3
+
+from mmtrain.errors import UserError  # noqa: E402  (kept apart from the import block above while it is rewritten)
+
+
+class ResumeCheckpointError(UserError, FileNotFoundError):
+    """`checkpoint.resume` names a folder that is not a complete mmtrain checkpoint."""
+
+
+class CheckpointMismatchError(UserError, ValueError):
+    """The checkpoint to resume from holds trainable parameters of another model (other names or shapes)."""
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
-    """The checkpoint to resume from for `checkpoint.resume` (`auto`, `never` or a folder)."""
+    """The checkpoint to resume from for `checkpoint.resume` (`auto`, `never` or a folder).
+
+    Raises:
+        ResumeCheckpointError: a folder without meta.json and ds/ (also a FileNotFoundError).
+    """
     if resume == "never":
         return None
     if resume == "auto":
         return latest_checkpoint(output_dir)
     path = Path(resume)
     if not (path / META_FILE).is_file() or not (path / DS_TAG).is_dir():
-        raise FileNotFoundError(
+        raise ResumeCheckpointError(
             f"checkpoint.resume={resume}: not a complete mmtrain checkpoint (expected {META_FILE} and {DS_TAG}/ "
             "inside); use `auto` to pick the latest complete one"
         )
@@ -109,11 +124,71 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dic
 
 
 def load_checkpoint(engine, path: Path) -> dict[str, Any]:
-    """Restore the DeepSpeed state from a checkpoint folder; returns its client state."""
-    load_path, client_state = engine.load_checkpoint(
-        str(path), tag=DS_TAG, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
+    """Restore the DeepSpeed state from a checkpoint folder; returns its client state.
+
+    Raises:
+        CheckpointMismatchError: the checkpoint's trainable parameters are not the model's (a config
+            changed since it was saved: another resampler, projector, adapter...).
+    """
+    check_checkpoint_fits(engine.module, path)
+    try:
+        load_path, client_state = engine.load_checkpoint(
+            str(path), tag=DS_TAG, load_module_strict=False, load_optimizer_states=True,
+            load_lr_scheduler_states=True
+        )
+    except RuntimeError as exc:
+        # torch's load_state_dict: a shape the check above could not see (no trainable.safetensors).
+        if not str(exc).startswith("Error(s) in loading state_dict"):
+            raise
+        details = "; ".join(line.strip() for line in str(exc).splitlines()[1:1 + _MISMATCHES_SHOWN])
+        raise CheckpointMismatchError(_mismatch_message(path, details)) from None
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path / DS_TAG}")
     meta = json.loads((path / META_FILE).read_text())
     return {**meta, **(client_state or {})}
+
+
+def check_checkpoint_fits(model: nn.Module, path: Path) -> None:
+    """Raise CheckpointMismatchError unless the checkpoint's trainable tensors (names and full shapes,
+    from its `trainable.safetensors` header: nothing is read) are exactly `model`'s trainable parameters.
+
+    DeepSpeed restores only these (the checkpoint excludes frozen ones), and its optimizer state is laid
+    out for exactly this set: any other set fails deep inside DeepSpeed (a size mismatch in
+    `load_state_dict`, or a ZeRO "parameter-alignment layout" error). Skipped for a checkpoint without
+    the file (DeepSpeed's own load then decides).
+    """
+    weights = path / TRAINABLE_FILE
+    if not weights.is_file():
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    current = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters()
+               if p.requires_grad}
+    if saved == current:
+        return
+    problems = []
+    shapes = [f"{name}: checkpoint {list(saved[name])}, model {list(current[name])}"
+              for name in current if name in saved and saved[name] != current[name]]
+    if shapes:
+        problems.append(f"{len(shapes)} of different shape ({_first(shapes)})")
+    only_saved = [name for name in saved if name not in current]
+    if only_saved:
+        problems.append(f"{len(only_saved)} only in the checkpoint ({_first(only_saved)})")
+    only_model = [name for name in current if name not in saved]
+    if only_model:
+        problems.append(f"{len(only_model)} trainable only in the model ({_first(only_model)})")
+    raise CheckpointMismatchError(_mismatch_message(path, "trainable parameters " + "; ".join(problems)))
+
+
+def _first(items: list[str]) -> str:
+    shown = ", ".join(items[:_MISMATCHES_SHOWN])
+    return shown + (f", and {len(items) - _MISMATCHES_SHOWN} more" if len(items) > _MISMATCHES_SHOWN else "")
+
+
+def _mismatch_message(path: Path, details: str) -> str:
+    return (f"cannot resume from {path}: it was saved by a differently shaped model ({details}); the run's "
+            "config changed since (model.*, adapters, trainable parts). Train from scratch with "
+            "`--set checkpoint.resume=never` (this output_dir's checkpoints and metrics are then replaced) or "
+            "in a new output_dir (`--set output_dir=...`), or resume with the config the checkpoint was saved with")

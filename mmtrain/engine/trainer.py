@@ -36,6 +36,9 @@ from mmtrain.engine.preemption import StopRequest
 from mmtrain.engine.tensorboard import TensorBoardSink
 from mmtrain.models import format_parameter_table, parameter_table
 from mmtrain.utils.io import atomic_write_json, atomic_write_text
+from mmtrain.data import Collator, VLMDataset
+from mmtrain.data import StepSampler
+from mmtrain.engine.evaluate import validation_loss
 
 log = logging.getLogger("mmtrain")
 
@@ -122,8 +125,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def _build_data(self, model):
-        from mmtrain.data import Collator, VLMDataset
-
         cfg = self.cfg
         if not cfg.data.train:
             raise ValueError("data.train: set the training manifest (a JSONL file, or a list of them)")
@@ -136,8 +137,6 @@ class Trainer:
 
     def _loader(self, start_batch: int):
         from torch.utils.data import DataLoader
-
-        from mmtrain.data import StepSampler
 
         cfg = self.cfg
         sampler = StepSampler(len(self.dataset), cfg.micro_batch_size, self.rank, self.world_size, cfg.seed,
@@ -288,8 +287,6 @@ class Trainer:
         The record also says where training stood: samples seen, epochs (samples / training-set
         size) and compute seconds so far, so learning curves can be drawn against either.
         """
-        from mmtrain.engine.evaluate import validation_loss
-
         started, cpu_started = time.perf_counter(), time.process_time()
         result = validation_loss(self.engine, self.val_dataset, self.collator, self.cfg.micro_batch_size,
                                  self.rank, self.world_size)

@@ -20,6 +20,11 @@ from torch import nn
 from mmtrain.config.schema import ModelConfig
 from mmtrain.errors import EXIT_USER_ERROR, report_user_errors
 from mmtrain.models.trainability import numel, parameter_table
+from mmtrain.models.build import build_vlm
+from mmtrain.models.trainability import format_parameter_table
+from mmtrain.config import load_config
+from mmtrain.utils.io import atomic_write_json
+from mmtrain.models.mobilenet_v2 import CONFIG_FILE, RANDOM_CONFIG_KEYS, resolve_pretrained_folder
 
 # Name fragments that say which method a trainable parameter belongs to, checked in order.
 KINDS = (
@@ -48,8 +53,6 @@ def config_only(cfg: ModelConfig) -> ModelConfig:
             loaded = AutoConfig.from_pretrained(cfg.vision.name_or_path)
             cfg.vision = replace(cfg.vision, name_or_path=None, config=loaded.to_dict())
         elif cfg.vision.kind == "mobilenetv2":
-            from mmtrain.models.mobilenet_v2 import CONFIG_FILE, RANDOM_CONFIG_KEYS, resolve_pretrained_folder
-
             saved = json.loads((resolve_pretrained_folder(cfg.vision.name_or_path) / CONFIG_FILE).read_text())
             cfg.vision = replace(cfg.vision, name_or_path=None,
                                  config={k: v for k, v in saved.items() if k in RANDOM_CONFIG_KEYS})
@@ -58,8 +61,6 @@ def config_only(cfg: ModelConfig) -> ModelConfig:
 
 def build_on_meta(cfg: ModelConfig) -> nn.Module:
     """The VLM of `cfg` on the meta device (shapes only), trainability applied."""
-    from mmtrain.models.build import build_vlm
-
     with torch.device("meta"):
         model, _, _ = build_vlm(config_only(cfg), with_tokenizer=False)
     return model
@@ -93,8 +94,6 @@ def count_parameters(cfg: ModelConfig) -> dict:
 
 def format_counts(result: dict) -> str:
     """The component table, then the trainable parameters by kind."""
-    from mmtrain.models.trainability import format_parameter_table
-
     lines = [format_parameter_table(result["components"]), "", "trainable by kind:"]
     total = sum(result["trainable_by_kind"].values())
     for kind, count in sorted(result["trainable_by_kind"].items(), key=lambda item: -item[1]):
@@ -110,9 +109,6 @@ def main(argv: list[str] | None = None, prog: str = "mmtrain params") -> int:
     """`mmtrain params CONFIG.yaml [--set KEY=VALUE ...] [--json OUT]`; exit 2 with `error: ...` when the
     config (a UserError such as ConfigError) or the model files it names cannot be used."""
     import argparse
-
-    from mmtrain.config import load_config
-    from mmtrain.utils.io import atomic_write_json
 
     parser = argparse.ArgumentParser(prog=prog, description="Count trainable and frozen parameters per component "
                                      "of a run config on the meta device (no weights are loaded or allocated).")

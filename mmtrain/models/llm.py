@@ -20,6 +20,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from mmtrain.config.schema import LLMConfig
 from mmtrain.models.language_model import IGNORE_INDEX, LanguageModel
 from mmtrain.models.seq2seq import build_seq2seq_llm
+from mmtrain.models.quantization import keep_cpu_layout, quantization_kwargs
 
 __all__ = ["IGNORE_INDEX", "CausalLM", "LanguageModel", "build_llm", "decoder_layers", "llm_hidden_size", "load_tokenizer",
            "resolve_llm_config"]
@@ -129,8 +130,6 @@ def build_llm(cfg: LLMConfig, attn_implementation: str, dtype: torch.dtype = tor
     construction context (`mmtrain.models.build`).
     """
     from transformers import AutoModelForCausalLM
-
-    from mmtrain.models.quantization import keep_cpu_layout, quantization_kwargs
 
     config = resolve_llm_config(cfg)
     if getattr(config, "is_encoder_decoder", False):

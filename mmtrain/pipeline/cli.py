@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None, prog: str = "mmtrain run") -> int:
     args = build_parser(prog).parse_args(argv)
     from mmtrain.pipeline.recipe import load_recipe
     from mmtrain.pipeline.runner import PipelineError, format_plan, run_pipeline
+    from mmtrain.slurm.submit import cancel_waiting_jobs
 
     if args.restart_from and (args.plan or args.stage):
         print(f"error: --restart-from does not combine with {'--plan' if args.plan else '--stage'}", file=sys.stderr)
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None, prog: str = "mmtrain run") -> int:
         return 0
     signal.signal(signal.SIGTERM, _exit_on_signal)  # stop the running stage's subprocess cleanly
     try:
-        return run_pipeline(pipeline, only=args.stage, restart_from=args.restart_from)
+        return run_pipeline(pipeline, only=args.stage, restart_from=args.restart_from,
+                            on_failure=[cancel_waiting_jobs])
     except PipelineError as exc:  # its own exit code: 1 a stage failed, 2 the run folder disagrees
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

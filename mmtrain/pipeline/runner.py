@@ -15,7 +15,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import TextIO
+from typing import Callable, Sequence, TextIO
 
 from mmtrain.errors import UserError
 from mmtrain.config.loader import dump_config
@@ -38,6 +38,10 @@ from mmtrain.pipeline.state import (
     write_summary,
 )
 from mmtrain.utils.io import atomic_write_json, atomic_write_text
+from mmtrain.assets.registry import ASSET_PREFIX
+from mmtrain.assets.common import AssetError
+from mmtrain.assets.registry import resolve_asset_reference
+from mmtrain.engine.distributed import remove_shm_allreduce_buffers
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -46,6 +50,10 @@ EXIT_STOPPED = 3
 OUTCOMES = {0: "done", EXIT_FAILED: "failed", EXIT_STOPPED: "stopped", EXIT_REQUEUE: "preempted"}
 # Return codes of a subprocess stopped by the scheduler's signals (directly, through a shell or srun).
 _SIGNALLED = {-10, -15, 128 + 10, 128 + 15, 10, 15}
+
+
+StageFailureHook = Callable[[Stage, TextIO], None]
+"""Called by `run_stage` with a stage that failed (e.g. to cancel the SLURM jobs waiting for it)."""
 
 
 class PipelineError(UserError, RuntimeError):
@@ -57,13 +65,15 @@ class PipelineError(UserError, RuntimeError):
 
 
 def run_pipeline(pipeline: Pipeline, only: str | None = None, restart_from: str | None = None,
-                 out: TextIO | None = None) -> int:
+                 out: TextIO | None = None, on_failure: Sequence[StageFailureHook] = ()) -> int:
     """Run the recipe's stages in order (or only the stage `only`), skipping completed ones.
 
     Args:
         only: run just this stage; the stages it inherits from must be done.
         restart_from: move this stage's folder and every later stage's aside first, so they rerun
             from scratch.
+        on_failure: called with a stage that failed and the output stream (the SLURM layer cancels
+            the jobs that wait for it).
 
     Returns:
         0 when every stage run is done, EXIT_STOPPED when one ended at `stop_after_steps`.
@@ -93,7 +103,7 @@ def run_pipeline(pipeline: Pipeline, only: str | None = None, restart_from: str 
                 print(f"skip {tag}: done (step {state.record.get('steps')}/{stage.config.max_steps}{loss_text}) "
                       f"in {stage.folder}", file=out, flush=True)
                 continue
-            code = run_stage(pipeline, stage, out)
+            code = run_stage(pipeline, stage, out, on_failure)
             write_summary(pipeline)
             if code != 0:
                 return code
@@ -104,13 +114,13 @@ def run_pipeline(pipeline: Pipeline, only: str | None = None, restart_from: str 
     return 0
 
 
-def run_stage(pipeline: Pipeline, stage: Stage, out: TextIO) -> int:
+def run_stage(pipeline: Pipeline, stage: Stage, out: TextIO, on_failure: Sequence[StageFailureHook] = ()) -> int:
     """Train one stage (resuming if it has checkpoints), run its evals, write its stage.json.
 
     The attempt is recorded in the run's ledger (`stage_start`, a `task` per subprocess,
     `stage_end`). Under SLURM, a stage stopped by the scheduler's warning signal requeues its job
-    (it resumes from the checkpoint written on the signal), and a failed stage cancels the jobs
-    that wait for it.
+    (it resumes from the checkpoint written on the signal); a failed stage is handed to every
+    `on_failure` hook.
     """
     tag = f"[{stage.index}/{len(pipeline.stages)}] {stage.name}"
     ledger = stage_ledger(pipeline, stage)
@@ -132,7 +142,8 @@ def run_stage(pipeline: Pipeline, stage: Stage, out: TextIO) -> int:
     if code == EXIT_REQUEUE:
         _requeue(stage, out)
     elif code == EXIT_FAILED:
-        _cancel_dependents(stage, out)
+        for hook in on_failure:
+            hook(stage, out)
     return code
 
 
@@ -157,18 +168,6 @@ def _requeue(stage: Stage, out: TextIO) -> None:
     if result.returncode != 0:
         print(f"error: scontrol requeue {job_id} failed: {result.stderr.strip()}; resubmit the stage to resume "
               f"(mmtrain submit ... --stage {stage.name})", file=sys.stderr, flush=True)
-
-
-def _cancel_dependents(stage: Stage, out: TextIO) -> None:
-    submit_dir = os.environ.get("MMTRAIN_SUBMIT_DIR")
-    if not submit_dir or not os.environ.get("SLURM_JOB_ID"):
-        return
-    from mmtrain.slurm.submit import cancel_dependents
-
-    cancelled = cancel_dependents(submit_dir, stage.name, os.environ.get("SLURM_ARRAY_TASK_ID"))
-    if cancelled:
-        print(f"stage {stage.name} failed: cancelled the jobs waiting for it: {', '.join(cancelled)}",
-              file=sys.stderr, flush=True)
 
 
 def _run_stage_locked(pipeline: Pipeline, stage: Stage, tag: str, out: TextIO, ledger: Ledger) -> int:
@@ -238,12 +237,8 @@ def _fail(pipeline: Pipeline, stage: Stage, what: str, log: Path | None) -> int:
 
 
 def _resolve_data(data: str) -> str:
-    from mmtrain.assets.registry import ASSET_PREFIX
-
     if not data.startswith(ASSET_PREFIX):
         return data
-    from mmtrain.assets.common import AssetError
-    from mmtrain.assets.registry import resolve_asset_reference
 
     try:
         return resolve_asset_reference(data, "data")
@@ -268,8 +263,6 @@ def run_logged(command: list[str], log: Path, folder: Path, kind: str, out: Text
     finally:
         port = rendezvous_port(command)
         if port is not None:
-            from mmtrain.engine.distributed import remove_shm_allreduce_buffers
-
             remove_shm_allreduce_buffers(port)
         wall = time.monotonic() - started
         end_attempt(folder, attempt, code, wall)

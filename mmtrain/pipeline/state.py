@@ -29,6 +29,7 @@ from mmtrain.config.loader import ConfigError, from_dict
 from mmtrain.config.schema import RunConfig
 from mmtrain.pipeline.recipe import Pipeline, Stage, config_differences, hashable_config
 from mmtrain.utils.io import append_line, atomic_write_json
+from mmtrain.config.paths import latest_checkpoint
 
 STAGE_FILE = "stage.json"
 ATTEMPTS_FILE = "attempts.jsonl"
@@ -114,8 +115,6 @@ def _config_changes(stage: Stage) -> list[str]:
 
 def latest_step(folder: Path) -> int | None:
     """The step of the latest complete checkpoint in a run folder, or None."""
-    from mmtrain.engine.checkpoint import latest_checkpoint
-
     latest = latest_checkpoint(folder)
     return int(latest.name.split("_")[-1]) if latest is not None else None
 

@@ -20,6 +20,7 @@ import mmtrain
 from mmtrain.config.loader import ConfigError
 from mmtrain.pipeline.recipe import Pipeline, Stage, trained_components
 from mmtrain.slurm.options import SlurmOptions
+from mmtrain.models.counting import count_parameters
 
 TEMPLATE = Path(__file__).parent / "templates" / "stage.sbatch"
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
@@ -69,8 +70,6 @@ def describe_trainable(stage: Stage) -> str:
     """`projector, resampler: 1,234,567 of 138,000,000 parameters` (counted on the meta device)."""
     parts = sorted(trained_components(stage.config)) or ["nothing"]
     try:
-        from mmtrain.models.counting import count_parameters
-
         total = next(r for r in count_parameters(stage.config.model)["components"] if r["component"] == "total")
         return f"{', '.join(parts)}: {int(total['trainable']):,} of {int(total['total']):,} parameters"
     except Exception:  # counting needs the model configs; the header then names the parts only

@@ -16,6 +16,7 @@ from mmtrain.cost.sacct import ACTIVE_STATES, SacctRow, SacctUnavailable, query_
 from mmtrain.errors import UserError
 from mmtrain.pipeline.state import read_json
 from mmtrain.slurm.submit import read_jobs
+from mmtrain.slurm.submit import dependents
 
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
@@ -97,8 +98,6 @@ def _slurm_logs(entry: dict[str, Any], rows: list[SacctRow]) -> list[Path]:
 
 
 def _failure_message(row: dict[str, Any], record: dict[str, Any], stages: list[dict[str, Any]]) -> str:
-    from mmtrain.slurm.submit import dependents
-
     details = []
     for folder in row["stage_folders"]:
         stage_record = read_json(Path(folder) / "stage.json") or {}

@@ -9,8 +9,10 @@ sbatch call fails, the jobs this call already submitted are cancelled and the er
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -175,3 +177,14 @@ def cancel_dependents(run_dir: str | Path, stage_name: str, array_task: str | No
     if targets:
         subprocess.run(["scancel", *targets], capture_output=True, timeout=60)
     return targets
+
+
+def cancel_waiting_jobs(stage: Stage, out: TextIO) -> None:
+    """A pipeline `on_failure` hook: inside a submitted job, scancel the jobs waiting for the failed `stage`."""
+    submit_dir = os.environ.get("MMTRAIN_SUBMIT_DIR")
+    if not submit_dir or not os.environ.get("SLURM_JOB_ID"):
+        return
+    cancelled = cancel_dependents(submit_dir, stage.name, os.environ.get("SLURM_ARRAY_TASK_ID"))
+    if cancelled:
+        print(f"stage {stage.name} failed: cancelled the jobs waiting for it: {', '.join(cancelled)}",
+              file=sys.stderr, flush=True)

@@ -32,6 +32,9 @@ from mmtrain.methods.vpgtrans.converter import (
 )
 from mmtrain.methods.vpgtrans.merge import PROJECTOR_KEYS, merge_projector
 from mmtrain.utils.io import atomic_write_json
+from mmtrain.models.weights import renamed
+from mmtrain.methods.vpgtrans.embeddings import gathered_embedding_table, read_embedding_table
+from mmtrain.models.weights import IncompatibleCheckpointError, load_init_weights, trainable_weights_file
 
 log = logging.getLogger("mmtrain")
 REPORT_FILE = "word_converter.json"
@@ -40,8 +43,6 @@ REPORT_FILE = "word_converter.json"
 def _file_names(path: Path, rename: dict[str, str]) -> dict[str, str]:
     """Model-side name -> file-side name of every tensor in a safetensors file, after `rename`."""
     from safetensors import safe_open
-
-    from mmtrain.models.weights import renamed
 
     with safe_open(str(path), framework="pt") as handle:
         names = list(handle.keys())
@@ -79,8 +80,6 @@ def fitted_converter(model: nn.Module, settings: WordConverterConfig, cfg: RunCo
     Collective when fitting under ZeRO-3 (the target's embedding table is gathered on every rank).
     """
     from transformers import AutoTokenizer
-
-    from mmtrain.methods.vpgtrans.embeddings import gathered_embedding_table, read_embedding_table
 
     if settings.path:
         weight, bias, _ = load_converter(settings.path)
@@ -125,8 +124,6 @@ def load_converted_init(model: nn.Module, source: InitSource, cfg: RunConfig, to
                         output_dir: Path) -> list[str]:
     """Load `source` into `model`, its projector mapped through the word converter. Returns names written."""
     from safetensors import safe_open
-
-    from mmtrain.models.weights import IncompatibleCheckpointError, load_init_weights, trainable_weights_file
 
     path = trainable_weights_file(Path(source.path))
     if not path.is_file():

@@ -14,6 +14,7 @@ import torch
 
 from mmtrain.methods.vpgtrans.converter import ConverterError, load_converter
 from mmtrain.utils.io import atomic_write_bytes
+from mmtrain.models.weights import trainable_weights_file
 
 PROJECTOR_KEYS = ("projector.weight", "projector.bias")
 
@@ -37,8 +38,6 @@ def merge_checkpoint(checkpoint: str | Path, converter: str | Path, out: str | P
     Returns the shapes of the tensors written.
     """
     from safetensors.torch import load_file, save
-
-    from mmtrain.models.weights import trainable_weights_file
 
     path = trainable_weights_file(Path(checkpoint))
     if not path.is_file():
