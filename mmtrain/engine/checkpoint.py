@@ -140,7 +140,7 @@ def load_checkpoint(engine, path: Path) -> dict[str, Any]:
         # torch's load_state_dict: a shape the check above could not see (no trainable.safetensors).
         if not str(exc).startswith("Error(s) in loading state_dict"):
             raise
-        details = "; ".join(line.strip() for line in str(exc).splitlines()[1:1 + _MISMATCHES_SHOWN])
+        details = "; ".join(line.strip().rstrip(".") for line in str(exc).splitlines()[1:1 + _MISMATCHES_SHOWN])
         raise CheckpointMismatchError(_mismatch_message(path, details)) from None
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path / DS_TAG}")
@@ -169,17 +169,17 @@ def check_checkpoint_fits(model: nn.Module, path: Path) -> None:
     if saved == current:
         return
     problems = []
-    shapes = [f"{name}: checkpoint {list(saved[name])}, model {list(current[name])}"
+    shapes = [f"{name} (checkpoint {list(saved[name])}, model {list(current[name])})"
               for name in current if name in saved and saved[name] != current[name]]
     if shapes:
-        problems.append(f"{len(shapes)} of different shape ({_first(shapes)})")
+        problems.append(f"{len(shapes)} of another shape: {_first(shapes)}")
     only_saved = [name for name in saved if name not in current]
     if only_saved:
-        problems.append(f"{len(only_saved)} only in the checkpoint ({_first(only_saved)})")
+        problems.append(f"{len(only_saved)} only in the checkpoint: {_first(only_saved)}")
     only_model = [name for name in current if name not in saved]
     if only_model:
-        problems.append(f"{len(only_model)} trainable only in the model ({_first(only_model)})")
-    raise CheckpointMismatchError(_mismatch_message(path, "trainable parameters " + "; ".join(problems)))
+        problems.append(f"{len(only_model)} only in the model: {_first(only_model)}")
+    raise CheckpointMismatchError(_mismatch_message(path, "; ".join(problems)))
 
 
 def _first(items: list[str]) -> str:
@@ -188,7 +188,7 @@ def _first(items: list[str]) -> str:
 
 
 def _mismatch_message(path: Path, details: str) -> str:
-    return (f"cannot resume from {path}: it was saved by a differently shaped model ({details}); the run's "
-            "config changed since (model.*, adapters, trainable parts). Train from scratch with "
-            "`--set checkpoint.resume=never` (this output_dir's checkpoints and metrics are then replaced) or "
-            "in a new output_dir (`--set output_dir=...`), or resume with the config the checkpoint was saved with")
+    return (f"cannot resume from {path}: it holds the trainable parameters of a differently shaped model "
+            f"({details}); the config changed since the checkpoint was saved. Start over with "
+            "`--set checkpoint.resume=never` (replaces this output_dir's checkpoints and metrics), train in a new "
+            "output_dir (`--set output_dir=...`), or resume with the config the checkpoint was saved with")

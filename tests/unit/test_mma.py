@@ -14,6 +14,7 @@ from mmtrain.methods.lora.config import LoRAConfig
 from mmtrain.methods.mma.config import AdapterConfig
 from mmtrain.data.collate import collate
 from mmtrain.models import build_vlm
+from mmtrain.methods.lora.inject import attach_lora
 from mmtrain.methods.mma.method import attach_llm_adapters
 from mmtrain.models.llm import CausalLM, decoder_layers
 from mmtrain.methods.mma.adapters import CHILD_NAME, RouterAdapter, attach_adapters, isolated_first_token_mask
@@ -305,7 +306,7 @@ def test_lora_trains_only_its_matrices_and_starts_as_the_model():
     ids, mask, labels = text_batch()
     with torch.no_grad():
         expected = llm(llm.embed(ids), mask, labels).loss
-    attach_llm_adapters(llm, LLMConfig(lora=LoRAConfig(r=4, alpha=8, dropout=0.0)))
+    attach_lora(llm.model, LoRAConfig(r=4, alpha=8, dropout=0.0))
     from mmtrain.models.trainability import _adapter_parameters
 
     names = {n for n, p in llm.named_parameters() if any(p is q for q in _adapter_parameters(llm))}
@@ -314,4 +315,4 @@ def test_lora_trains_only_its_matrices_and_starts_as_the_model():
     with torch.no_grad():
         assert torch.allclose(llm(llm.embed(ids), mask, labels).loss, expected, atol=1e-6)
     with pytest.raises(ValueError, match="not found in the LLM"):
-        attach_llm_adapters(tiny_llm(), LLMConfig(lora=LoRAConfig(target_modules=["query"])))
+        attach_lora(tiny_llm().model, LoRAConfig(target_modules=["query"]))
