@@ -6,7 +6,6 @@ import sys
 
 from mmtrain.errors import report_user_errors
 
-
 USAGE = """usage: mmtrain COMMAND ...
 
 commands:
@@ -37,46 +36,57 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "train":
+        # dispatch: import only what this command runs
         from mmtrain.train import main as train_main
 
         return train_main(rest, prog="mmtrain train")
     if command == "run":
+        # dispatch: import only what this command runs
         from mmtrain.pipeline.cli import main as run_main
 
         return run_main(rest, prog="mmtrain run")
     if command == "eval":
+        # dispatch: import only what this command runs
         from mmtrain.eval.cli import main as eval_main
 
         return eval_main(rest, prog="mmtrain eval")
     if command == "transfer":
+        # dispatch: import only what this command runs
         from mmtrain.methods.vpgtrans.cli import main as transfer_main
 
         return transfer_main(rest, prog="mmtrain transfer")
     if command == "surrogate":
+        # dispatch: import only what this command runs
         from mmtrain.methods.grafting.cli import main as surrogate_main
 
         return surrogate_main(rest, prog="mmtrain surrogate")
     if command == "params":
+        # dispatch: import only what this command runs
         from mmtrain.models.counting import main as params_main
 
         return params_main(rest, prog="mmtrain params")
     if command == "submit":
+        # dispatch: import only what this command runs
         from mmtrain.slurm.cli import submit_main
 
         return submit_main(rest, prog="mmtrain submit")
     if command == "status":
+        # dispatch: import only what this command runs
         from mmtrain.slurm.cli import status_main
 
         return status_main(rest, prog="mmtrain status")
     if command == "cost":
+        # dispatch: import only what this command runs
         from mmtrain.cost.cli import main as cost_main
 
         return cost_main(rest, prog="mmtrain cost")
     if command == "assets":
+        # dispatch: import only what this command runs
         from mmtrain.assets.cli import main as assets_main
 
         return assets_main(rest, prog="mmtrain assets")
     if command == "data" and rest[:1] == ["check"]:
+        # dispatch: import only what this command runs
         from mmtrain.data.check import main as check_main
 
         return check_main(rest[1:])

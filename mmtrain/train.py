@@ -29,11 +29,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m mmtrain.train") -
     """Train; exit 0 when done, EXIT_REQUEUE when stopped by a signal after checkpointing, 2 for a
     user error (`error: MESSAGE`, no traceback: a config value, a manifest line, a checkpoint...)."""
     args = build_parser(prog).parse_args(argv)
+    # dispatch: import only what this command runs
     from mmtrain.engine.preemption import EXIT_REQUEUE, StopRequest
 
     stop_request = StopRequest().install()  # before the slow imports: a warning signal is never lost
     cfg = load_config(args.config, args.overrides)
     check_training(cfg, args.config)
+    # dispatch: import only what this command runs
     from mmtrain.cost.recorder import CostRecorder
     from mmtrain.engine.trainer import Trainer
 

@@ -11,6 +11,7 @@ from mmtrain.errors import report_user_errors
 
 @report_user_errors
 def main(argv: list[str] | None = None, prog: str = "mmtrain assets") -> int:
+    # dispatch: import only what this command runs
     from mmtrain.assets.common import AssetError, cache_dir, is_complete
     from mmtrain.assets.registry import all_assets, prepare
 

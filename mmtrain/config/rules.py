@@ -22,6 +22,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from mmtrain.config.errors import ConfigError
 from mmtrain.config.schema import RunConfig
 
 LR_COMPONENTS = ("vision", "resampler", "projector", "llm")
@@ -40,8 +43,6 @@ def check_values(cfg: RunConfig, source: str = "config") -> None:
     """
     problems = value_problems(cfg)
     if problems:
-        from mmtrain.config.loader import ConfigError  # here: the loader imports this module
-
         raise ConfigError(format_problems(source, problems))
 
 
@@ -57,8 +58,6 @@ def check_training(cfg: RunConfig, source: str = "config") -> None:
     if not cfg.data.train:
         problems.append("`data.train`: set the training manifest (a JSONL file, or a list of them)")
     if problems:
-        from mmtrain.config.loader import ConfigError
-
         raise ConfigError(format_problems(source, problems))
 
 
@@ -156,7 +155,6 @@ def _gpu_available() -> bool:
     """Whether training here runs on a CUDA GPU (as the engine decides: DS_ACCELERATOR=cpu forces the CPU)."""
     if os.environ.get("DS_ACCELERATOR") == "cpu":
         return False
-    import torch
 
     return torch.cuda.is_available()
 

@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None, prog: str = "mmtrain cost") -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    # dispatch: import only what this command runs
     from mmtrain.cost.report import REPORT_DIR, build_report, format_markdown, write_report
 
     # ReportError (a UserError: no ledger in RUN...) is reported by report_user_errors, exit 2.
@@ -103,6 +104,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _estimate(args: argparse.Namespace) -> int:
+    # dispatch: import only what this command runs
     from mmtrain.config.loader import ConfigError
     from mmtrain.cost.estimate import estimate_pipeline, format_estimate
     from mmtrain.pipeline.recipe import load_recipe

@@ -27,17 +27,15 @@ from typing import Any
 
 from torch import nn
 
+from mmtrain.config.loader import resolve_asset_references
 from mmtrain.cost.flops import step_flops_model
 from mmtrain.cost.hardware import MEMORY_GIB, known_gpu_types, normalise_gpu_type, peak_flops
-from mmtrain.engine.ds_config import zero_stage
-from mmtrain.models.counting import build_on_meta
-from mmtrain.config.loader import resolve_asset_references
-from mmtrain.models.build import build_vlm
-from mmtrain.models.counting import config_only
 from mmtrain.data.errors import ManifestError
 from mmtrain.data.manifest import scan_manifest
 from mmtrain.data.templates import get_template
-from mmtrain.engine.ds_config import DeepSpeedConfigError, fill_ds_config, load_ds_json
+from mmtrain.engine.ds_config import DeepSpeedConfigError, fill_ds_config, load_ds_json, zero_stage
+from mmtrain.models.build import build_vlm
+from mmtrain.models.counting import build_on_meta, config_only
 from mmtrain.models.llm import load_tokenizer
 
 GIB = 2**30

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
 from mmtrain.models.trainability import numel
 
@@ -114,7 +115,6 @@ class FlopCount(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
-        from torch.utils.flop_counter import flop_registry
 
         self.total = 0
         self.formulas = dict(flop_registry)
@@ -132,8 +132,6 @@ class FlopCount(TorchDispatchMode):
 
 
 def _attention_flops(query, key, value, *args, out_val=None, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_flop_count
-
     return sdpa_flop_count(tuple(query.shape), tuple(key.shape), tuple(value.shape))
 
 

@@ -17,8 +17,16 @@ from mmtrain.config.paths import RunDir
 from mmtrain.cost.flops import StepFlops, step_flops_model
 from mmtrain.cost.ledger import Ledger
 from mmtrain.cost.usage import AttemptUsage
-from mmtrain.engine.events import (CheckpointSaved, EvaluationEnd, Event, FirstBatch, LoopStart, ProcessEnd,
-                                   ProcessStart, StepEnd)
+from mmtrain.engine.events import (
+    CheckpointSaved,
+    EvaluationEnd,
+    Event,
+    FirstBatch,
+    LoopStart,
+    ProcessEnd,
+    ProcessStart,
+    StepEnd,
+)
 
 log = logging.getLogger("mmtrain")
 

@@ -28,10 +28,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from mmtrain.errors import UserError
 from mmtrain.cost import sacct as sacct_mod
 from mmtrain.cost.hardware import normalise_gpu_type, peak_flops
 from mmtrain.cost.ledger import LEDGER_FILE, read_ledger
+from mmtrain.errors import UserError
 from mmtrain.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 REPORT_DIR = "cost"
@@ -634,9 +634,11 @@ DEFINITIONS = """\
 
 def plot_png(report: dict[str, Any]) -> bytes:
     """Stacked horizontal bars of productive / overhead / wasted GPU-hours per stage, the total and the baseline."""
+    # heavy: only when a plot is drawn
     import matplotlib
 
     matplotlib.use("Agg")
+    # heavy: only when a plot is drawn
     import matplotlib.pyplot as plt
 
     bars = [(s["stage"], s) for s in report["stages"]] + [("total", report["total"])]

@@ -123,6 +123,7 @@ def check_manifest(
     if max_length is not None and tokenizer is None:
         raise ValueError("checking max_length needs a tokenizer")
     if isinstance(tokenizer, (str, Path)):
+        # heavy (seconds to import): only where a model or tokenizer is loaded
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
@@ -187,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max-length needs --tokenizer")
     tokenizer = None
     if args.tokenizer is not None:
+        # heavy (seconds to import): only where a model or tokenizer is loaded
         from transformers import AutoTokenizer
 
         try:

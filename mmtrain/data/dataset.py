@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,9 @@ from torch.utils.data import Dataset
 
 from mmtrain.data.errors import BadSampleError
 from mmtrain.data.images import ImageLoadError, load_image
-from mmtrain.data.manifest import Sample
-from mmtrain.data.templates import Encoded, PromptTemplate, TokenizerLike
+from mmtrain.data.manifest import Sample, read_manifest
+from mmtrain.data.templates import Encoded, PromptTemplate, TokenizerLike, get_template
 from mmtrain.utils.io import append_line
-from mmtrain.data.manifest import read_manifest
-from mmtrain.data.templates import get_template
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +34,6 @@ _MAX_SKIP_WARNINGS = 20
 
 def random_subset(samples: list[Sample], size: int, seed: int, manifest: str | Path = "the manifest") -> list[Sample]:
     """`size` samples drawn without replacement with `seed`, kept in manifest order."""
-    import random
-
     if not 0 < size <= len(samples):
         raise ValueError(f"a subset of {size} samples of {manifest} is impossible: it holds {len(samples)}; "
                          "set data.train_samples / data.val_samples between 1 and that (or null for all)")

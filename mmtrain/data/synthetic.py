@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -138,7 +139,7 @@ def make_tiny_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 512) 
         ValueError: ``vocab_size`` cannot hold the 256 byte tokens and the
             special tokens.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    # heavy (seconds to import): only where a model or tokenizer is loaded
     from transformers import PreTrainedTokenizerFast
 
     smallest = 256 + len(SPECIAL_TOKENS)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+
+import torch
 
 
 def configure_accelerator_env() -> None:
     """Set DS_ACCELERATOR=cpu on machines without CUDA (before deepspeed is imported)."""
     if "DS_ACCELERATOR" in os.environ:
         return
-    import torch
 
     if not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"
@@ -27,8 +29,6 @@ def release_large_frees_to_os(threshold_bytes: int = 4 << 20) -> None:
     climbs to the sum of everything ever gathered. A fixed threshold keeps it at what is live.
     """
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3
         libc.mallopt(m_mmap_threshold, threshold_bytes)

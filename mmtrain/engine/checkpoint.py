@@ -18,10 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
-from mmtrain.config.paths import (DS_TAG, META_FILE, TRAINABLE_FILE, checkpoint_dir, complete_checkpoints,
-                                  latest_checkpoint)
+from mmtrain.config.paths import (
+    DS_TAG,
+    META_FILE,
+    TRAINABLE_FILE,
+    checkpoint_dir,
+    complete_checkpoints,
+    latest_checkpoint,
+)
 from mmtrain.utils.io import atomic_write_json
 
 __all__ = ["DS_TAG", "META_FILE", "TRAINABLE_FILE", "checkpoint_dir", "complete_checkpoints", "latest_checkpoint",
@@ -76,6 +84,7 @@ def trainable_state_dict(model: nn.Module, rank: int) -> dict[str, torch.Tensor]
             return
         params = [p for _, p in chunk]
         if any(hasattr(p, "ds_id") for p in params):
+            # heavy; imported where used, once the accelerator is chosen
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
@@ -96,9 +105,8 @@ def trainable_state_dict(model: nn.Module, rank: int) -> dict[str, torch.Tensor]
 
 def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dict[str, Any], keep_last: int) -> Path:
     """Save a complete checkpoint for `step` (collective: every rank must call it)."""
+    # heavy; imported where used, once the accelerator is chosen
     import deepspeed.comm as dist
-    from safetensors.torch import save_file
-
     rank = dist.get_rank()
     final = checkpoint_dir(output_dir, step)
     tmp = final.with_name(final.name + ".tmp")
@@ -160,7 +168,6 @@ def check_checkpoint_fits(model: nn.Module, path: Path) -> None:
     weights = path / TRAINABLE_FILE
     if not weights.is_file():
         return
-    from safetensors import safe_open
 
     with safe_open(str(weights), framework="pt") as f:
         saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}

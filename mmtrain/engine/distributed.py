@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import subprocess
@@ -63,8 +64,7 @@ def setup_dist_env(environ: dict[str, str] | None = None) -> DistEnv:
 
 def init_distributed() -> DistEnv:
     """Set up the environment and DeepSpeed's process group (gloo on CPU, NCCL on CUDA)."""
-    import datetime
-
+    # heavy; imported where used, once the accelerator is chosen
     import deepspeed
 
     dist_env = setup_dist_env()

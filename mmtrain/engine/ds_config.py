@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mmtrain.errors import UserError
 from mmtrain.config.schema import RunConfig
+from mmtrain.errors import UserError
 
 
 class DeepSpeedConfigError(UserError, ValueError):

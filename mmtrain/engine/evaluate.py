@@ -27,6 +27,7 @@ def rank_share(num_samples: int, rank: int, world_size: int) -> list[tuple[int, 
 @torch.no_grad()
 def validation_loss(engine, dataset, collator, micro_batch_size: int, rank: int, world_size: int) -> dict[str, float]:
     """Mean next-token loss over every target token of `dataset`, and its perplexity."""
+    # heavy; imported where used, once the accelerator is chosen
     import deepspeed.comm as dist
 
     share = rank_share(len(dataset), rank, world_size)

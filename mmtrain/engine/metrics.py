@@ -3,6 +3,7 @@ memory reports."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import resource
 from pathlib import Path
@@ -94,8 +95,6 @@ def peak_memory() -> dict[str, float]:
 def _release_free_heap() -> None:
     """Return freed heap pages to the OS (glibc keeps them otherwise), so RSS/PSS show live memory."""
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass

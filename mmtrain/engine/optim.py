@@ -11,16 +11,22 @@ import math
 from typing import Any
 
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
+from mmtrain.config.errors import ConfigError
 from mmtrain.config.schema import OptimConfig
 from mmtrain.models.vlm import COMPONENTS
 
 
 def build_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
-    """Optimizer groups of the trainable parameters, one pair (decay / no decay) per component."""
+    """Optimizer groups of the trainable parameters, one pair (decay / no decay) per component.
+
+    Raises:
+        ConfigError: an unknown `optim.lr_multipliers` key, or no trainable parameter at all.
+    """
     unknown = sorted(set(cfg.lr_multipliers) - set(COMPONENTS))
-    if unknown:
-        raise ValueError(
+    if unknown:  # also a config rule (mmtrain.config.rules); kept for OptimConfigs built in code
+        raise ConfigError(
             f"optim.lr_multipliers: unknown component(s) {', '.join(unknown)}; valid: {', '.join(COMPONENTS)}"
         )
     groups: list[dict[str, Any]] = []
@@ -36,7 +42,7 @@ def build_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any
             if params:
                 groups.append({"params": params, "lr": lr, "weight_decay": wd, "name": component + suffix})
     if not groups:
-        raise ValueError("nothing to train: every component is frozen (set model.<component>.trainable)")
+        raise ConfigError("nothing to train: every component is frozen (set model.<component>.trainable)")
     return groups
 
 
@@ -46,6 +52,7 @@ def build_optimizer_args(groups: list[dict[str, Any]], cfg: OptimConfig) -> dict
     if cfg.name == "adamw":
         return {"model_parameters": groups}
     try:
+        # optional and heavy: only for a quantised LLM or the 8-bit optimizer
         import bitsandbytes as bnb
     except ImportError as exc:
         raise RuntimeError(f"optim.name=adamw8bit needs bitsandbytes (pip install -r requirements.txt): {exc}") from None
@@ -67,8 +74,6 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
 
 def scheduler_factory(cfg: OptimConfig, max_steps: int):
     """A callable `optimizer -> LambdaLR` for `deepspeed.initialize(lr_scheduler=...)`."""
-    from torch.optim.lr_scheduler import LambdaLR
-
     def make(optimizer):
         return LambdaLR(optimizer, lambda step: lr_factor(step, cfg, max_steps))
 

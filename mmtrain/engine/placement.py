@@ -76,6 +76,7 @@ class Placement:
         """Wrap the LLM's construction: under ZeRO-3 it is built partitioned (the vision side, built
         before, stays ordinary modules that `deepspeed.initialize` partitions)."""
         if self.zero3 and self._hf_deepspeed_config is None:
+            # heavy (seconds to import): only where a model or tokenizer is loaded
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_deepspeed_config = HfDeepSpeedConfig(self.ds_config)
@@ -88,6 +89,7 @@ class Placement:
             initialize: training only: `deepspeed.initialize`'s optimizer arguments
                 (`model_parameters`/`optimizer`, `lr_scheduler`).
         """
+        # heavy; imported where used, once the accelerator is chosen
         import deepspeed
 
         if self.purpose != "train":

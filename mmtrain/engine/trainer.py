@@ -21,14 +21,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 import mmtrain
 from mmtrain.config import RunConfig, dump_config, to_dict
 from mmtrain.config.paths import RunDir
+from mmtrain.data import Collator, StepSampler, VLMDataset
 from mmtrain.engine.accelerator import on_cpu
 from mmtrain.engine.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from mmtrain.engine.events import (CheckpointSaved, EvaluationEnd, EventBus, EventSink, FirstBatch, LoopStart,
-                                   ProcessEnd, ProcessStart, StepEnd)
+from mmtrain.engine.evaluate import validation_loss
+from mmtrain.engine.events import (
+    CheckpointSaved,
+    EvaluationEnd,
+    EventBus,
+    EventSink,
+    FirstBatch,
+    LoopStart,
+    ProcessEnd,
+    ProcessStart,
+    StepEnd,
+)
 from mmtrain.engine.metrics import MetricsLog, local_parameter_report, peak_memory
 from mmtrain.engine.optim import build_optimizer_args, build_param_groups, lr_factor, scheduler_factory
 from mmtrain.engine.placement import build_placed_vlm, plan
@@ -36,9 +49,6 @@ from mmtrain.engine.preemption import StopRequest
 from mmtrain.engine.tensorboard import TensorBoardSink
 from mmtrain.models import format_parameter_table, parameter_table
 from mmtrain.utils.io import atomic_write_json, atomic_write_text
-from mmtrain.data import Collator, VLMDataset
-from mmtrain.data import StepSampler
-from mmtrain.engine.evaluate import validation_loss
 
 log = logging.getLogger("mmtrain")
 
@@ -136,8 +146,6 @@ class Trainer:
         return dataset_for(cfg.data.train, cfg.data.train_samples), Collator(self.tokenizer.pad_token_id)
 
     def _loader(self, start_batch: int):
-        from torch.utils.data import DataLoader
-
         cfg = self.cfg
         sampler = StepSampler(len(self.dataset), cfg.micro_batch_size, self.rank, self.world_size, cfg.seed,
                               shuffle=cfg.data.shuffle, start_batch=start_batch)
@@ -165,8 +173,7 @@ class Trainer:
             self.events.close()
 
     def _fit(self) -> dict[str, Any]:
-        from tqdm import tqdm
-
+        # heavy; imported where used, once the accelerator is chosen
         import deepspeed.comm as dist
 
         cfg = self.cfg
@@ -317,6 +324,7 @@ class Trainer:
         atomic_write_json(self.run_dir.rank_report(self.rank), report)
 
     def _run_info(self, resume_from: Path | None) -> dict[str, Any]:
+        # heavy; imported where used, once the accelerator is chosen
         import deepspeed
         import transformers
 
@@ -344,6 +352,7 @@ def _configure_logging(is_main: bool) -> None:
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
                         format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
     try:
+        # heavy; imported where used, once the accelerator is chosen
         from deepspeed.utils import logger as ds_logger
 
         ds_logger.setLevel(logging.WARNING)

@@ -44,6 +44,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, prog: str = "mmtrain eval") -> int:
     """Evaluate; exit 0 when done, 2 for a user error (`error: MESSAGE`: a target, manifest, key...)."""
     args = build_parser(prog).parse_args(argv)
+    # dispatch: import only what this command runs
     from mmtrain.eval.loading import load_for_eval
     from mmtrain.eval.runner import EvalOptions, evaluate_manifest, format_results
     from mmtrain.utils.io import atomic_write_json
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None, prog: str = "mmtrain eval") -> int:
                           batch_size=args.batch_size, ablations=not args.no_ablations, text=args.text,
                           text_max_tokens=args.text_max_tokens)
     try:
+        # dispatch: import only what this command runs
         from mmtrain.assets.registry import resolve_asset_reference
 
         args.data = resolve_asset_reference(args.data, "--data")

@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
-from mmtrain.errors import UserError
 from mmtrain.config import RunConfig, load_config
 from mmtrain.config.methods import with_hook
 from mmtrain.config.paths import META_FILE, RunDir, latest_checkpoint
 from mmtrain.config.schema import InitSource
 from mmtrain.engine.placement import build_placed_vlm, plan
+from mmtrain.errors import UserError
 
 
 class EvalTargetError(UserError, ValueError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from mmtrain.data import VLMDataset, collate, get_template
 from mmtrain.data.manifest import Sample
@@ -27,8 +28,6 @@ def build_dataset(em: EvalModel, samples: list[Sample]) -> VLMDataset:
 
 def _gather(local: list[tuple[int, Any]], em: EvalModel, total: int) -> list[Any]:
     if em.world_size > 1:
-        import torch.distributed as dist
-
         parts: list[Any] = [None] * em.world_size
         dist.all_gather_object(parts, local)
         local = [item for part in parts for item in part]

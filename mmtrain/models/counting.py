@@ -8,6 +8,7 @@ laptop. Counts are per component (trainable / frozen) plus the trainable paramet
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import sys
@@ -17,14 +18,13 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from mmtrain.config import load_config
 from mmtrain.config.schema import ModelConfig
 from mmtrain.errors import EXIT_USER_ERROR, report_user_errors
-from mmtrain.models.trainability import numel, parameter_table
 from mmtrain.models.build import build_vlm
-from mmtrain.models.trainability import format_parameter_table
-from mmtrain.config import load_config
-from mmtrain.utils.io import atomic_write_json
 from mmtrain.models.mobilenet_v2 import CONFIG_FILE, RANDOM_CONFIG_KEYS, resolve_pretrained_folder
+from mmtrain.models.trainability import format_parameter_table, numel, parameter_table
+from mmtrain.utils.io import atomic_write_json
 
 # Name fragments that say which method a trainable parameter belongs to, checked in order.
 KINDS = (
@@ -41,6 +41,7 @@ KINDS = (
 
 def config_only(cfg: ModelConfig) -> ModelConfig:
     """A copy of `cfg` whose pretrained parts are built from their config files (no weights read)."""
+    # heavy (seconds to import): only where a model or tokenizer is loaded
     from transformers import AutoConfig
 
     cfg = copy.deepcopy(cfg)
@@ -108,8 +109,6 @@ def format_counts(result: dict) -> str:
 def main(argv: list[str] | None = None, prog: str = "mmtrain params") -> int:
     """`mmtrain params CONFIG.yaml [--set KEY=VALUE ...] [--json OUT]`; exit 2 with `error: ...` when the
     config (a UserError such as ConfigError) or the model files it names cannot be used."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog=prog, description="Count trainable and frozen parameters per component "
                                      "of a run config on the meta device (no weights are loaded or allocated).")
     parser.add_argument("config", help="run config YAML")

@@ -13,14 +13,15 @@ as they are created) with Hugging Face's initialisation intact.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mmtrain.config.schema import LLMConfig
 from mmtrain.models.language_model import IGNORE_INDEX, LanguageModel
-from mmtrain.models.seq2seq import build_seq2seq_llm
 from mmtrain.models.quantization import keep_cpu_layout, quantization_kwargs
+from mmtrain.models.seq2seq import build_seq2seq_llm
 
 __all__ = ["IGNORE_INDEX", "CausalLM", "LanguageModel", "build_llm", "decoder_layers", "llm_hidden_size", "load_tokenizer",
            "resolve_llm_config"]
@@ -107,6 +108,7 @@ class CausalLM(LanguageModel):
 
 def resolve_llm_config(cfg: LLMConfig):
     """The transformers config of `cfg.name_or_path`, or one built from the `cfg.config` dict."""
+    # heavy (seconds to import): only where a model or tokenizer is loaded
     from transformers import AutoConfig
 
     if cfg.name_or_path and cfg.config:
@@ -129,6 +131,7 @@ def build_llm(cfg: LLMConfig, attn_implementation: str, dtype: torch.dtype = tor
     modules (adapters, LoRA, VL-PET) are attached later by their plug-ins, outside any ZeRO-3
     construction context (`mmtrain.models.build`).
     """
+    # heavy (seconds to import): only where a model or tokenizer is loaded
     from transformers import AutoModelForCausalLM
 
     config = resolve_llm_config(cfg)
@@ -161,6 +164,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def load_tokenizer(cfg: LLMConfig):
     """The LM's tokenizer (from `cfg.tokenizer`, else `cfg.name_or_path`), with a pad token set."""
+    # heavy (seconds to import): only where a model or tokenizer is loaded
     from transformers import AutoTokenizer
 
     source = cfg.tokenizer or cfg.name_or_path
@@ -178,6 +182,7 @@ def greedy_with_custom_mask(model: nn.Module, inputs: dict, max_new_tokens: int,
     """Greedy decoding (KV cache) from prompt inputs that carry their own 4-D additive mask and
     position ids (Hugging Face's `generate` cannot extend a custom mask). Each new token sees what
     the prompt's last token saw, plus the tokens generated before it. Returns the new ids [B, n]."""
+    # heavy (seconds to import): only where a model or tokenizer is loaded
     from transformers import DynamicCache
 
     embeds, mask, positions = inputs["inputs_embeds"], inputs["attention_mask"], inputs["position_ids"]
@@ -209,7 +214,6 @@ def _all_ranks_done(done: torch.Tensor, synced_ranks: bool) -> bool:
     """Whether every sample is finished, on every rank when ranks must step together (ZeRO-3)."""
     if not synced_ranks:
         return bool(done.all())
-    import torch.distributed as dist
 
     pending = torch.tensor([0.0 if bool(done.all()) else 1.0], device=done.device)
     dist.all_reduce(pending)

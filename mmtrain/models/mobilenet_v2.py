@@ -28,11 +28,13 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmtrain.config.paths import cache_dir
-from mmtrain.errors import UserError
 from mmtrain.config.schema import VisionConfig
+from mmtrain.errors import UserError
 from mmtrain.models.tower import VisionTower, register_vision_tower
 
 KERAS_BN_EPS = 1e-3
@@ -253,6 +255,7 @@ def keras_h5_to_state_dict(h5_path: str | os.PathLike, alpha: float = 1.0) -> di
         KerasWeightsError: a backbone layer or weight is missing or has the wrong shape; the message
             names the file, the Keras layer and what was expected.
     """
+    # only to convert Keras weights
     import h5py
 
     reference = MobileNetV2Backbone(alpha).state_dict()
@@ -301,8 +304,6 @@ def _put(state: dict, reference: dict, key: str, value: torch.Tensor, h5_path, l
 
 def save_pretrained(state_dict: dict[str, torch.Tensor], folder: Path, config: dict[str, Any]) -> None:
     """Write `model.safetensors` (fp32) and `config.json` into `folder`, each written then renamed."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to(torch.float32 if v.is_floating_point() else v.dtype).contiguous()
@@ -336,8 +337,6 @@ class MobileNetV2Tower(VisionTower):
 
     def image_transform(self, image) -> torch.Tensor:
         """RGB PIL image -> float32 [3, image_size, image_size] in [-1, 1]."""
-        from PIL import Image
-
         if image.mode != "RGB":
             image = image.convert("RGB")
         image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
@@ -393,8 +392,6 @@ def load_pretrained_backbone(folder: Path, num_stages: int = NUM_STAGES) -> tupl
     Returns:
         (backbone, config dict)
     """
-    from safetensors.torch import load_file
-
     config_path = Path(folder) / CONFIG_FILE
     try:
         config = json.loads(config_path.read_text())

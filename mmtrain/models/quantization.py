@@ -7,6 +7,8 @@ trainer refuses that combination.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from mmtrain.config.schema import LLMConfig
@@ -25,6 +27,7 @@ def quantization_kwargs(cfg: LLMConfig, dtype: torch.dtype) -> dict:
         import bitsandbytes  # noqa: F401
     except ImportError as exc:
         raise RuntimeError(f"model.llm.quantization needs bitsandbytes (pip install -r requirements.txt): {exc}") from None
+    # heavy (seconds to import): only where a model or tokenizer is loaded
     from transformers import BitsAndBytesConfig
 
     if cfg.quantization == "8bit":
@@ -37,8 +40,6 @@ def quantization_kwargs(cfg: LLMConfig, dtype: torch.dtype) -> dict:
 
 def _device() -> str | int:
     """Where bitsandbytes puts the weights: this rank's GPU, or the CPU."""
-    import os
-
     if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu":
         return int(os.environ.get("LOCAL_RANK", "0"))
     return "cpu"

@@ -103,6 +103,7 @@ class Seq2SeqLM(LanguageModel):
     def _decoder_inputs(self, targets: torch.Tensor) -> torch.Tensor:
         if hasattr(self.model, "prepare_decoder_input_ids_from_labels"):
             return self.model.prepare_decoder_input_ids_from_labels(labels=targets)
+        # heavy (seconds to import): only where a model or tokenizer is loaded
         from transformers.models.bart.modeling_bart import shift_tokens_right
 
         config = self.model.config
@@ -160,6 +161,7 @@ def build_seq2seq_llm(config, cfg: LLMConfig, attn_implementation: str, dtype: t
     VL-PET, when the config asks for it, is attached afterwards by its plug-in (`mmtrain.methods.vl_pet`).
     `auto` attention falls back to SDPA for models without flash-attn support (T5).
     """
+    # heavy (seconds to import): only where a model or tokenizer is loaded
     from transformers import AutoModelForSeq2SeqLM
 
     if cfg.quantization != "none":

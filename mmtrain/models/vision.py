@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmtrain.config.schema import VisionConfig
 import mmtrain.models.mobilenet_v2  # noqa: F401  (registers the `mobilenetv2` family)
+from mmtrain.config.schema import VisionConfig
 from mmtrain.models.tower import VISION_TOWERS, VisionTower, register_vision_tower
+
 
 def build_vision_tower(cfg: VisionConfig, attn_implementation: str) -> "VisionTower":
     """Build the tower named by `cfg.kind`."""
@@ -84,6 +85,7 @@ class HFVisionTower(VisionTower):
 
 def _default_processor(config):
     """A CLIP-style processor sized for a tower built from a config (no processor files exist)."""
+    # heavy (seconds to import): only where a model or tokenizer is loaded
     import transformers
 
     cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
@@ -94,6 +96,7 @@ def _default_processor(config):
 @register_vision_tower("hf")
 def build_hf_tower(cfg: VisionConfig, attn_implementation: str) -> HFVisionTower:
     """Load (or build from `cfg.config`) a Hugging Face vision model and its image processor."""
+    # heavy (seconds to import): only where a model or tokenizer is loaded
     from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
     if cfg.name_or_path and cfg.config:

@@ -10,11 +10,11 @@ import contextlib
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from mmtrain.config.paths import TRAINABLE_FILE, RunDir, latest_checkpoint
 from mmtrain.errors import UserError
-
 
 
 class IncompatibleCheckpointError(UserError, ValueError):
@@ -30,8 +30,6 @@ def load_trainable_weights(model: nn.Module, path: str | Path, strict: bool = Tr
     Returns:
         The names loaded.
     """
-    from safetensors.torch import load_file
-
     path = trainable_weights_file(Path(path))
     if not path.is_file():
         raise FileNotFoundError(f"no trainable-weights file at {path}")
@@ -90,8 +88,6 @@ def load_init_weights(model: nn.Module, source) -> list[str]:
         IncompatibleCheckpointError: a selected tensor has no same-named, same-shaped parameter (strict),
             or nothing at all was selected.
     """
-    from safetensors.torch import load_file
-
     path = trainable_weights_file(Path(source.path))
     if not path.is_file():
         raise FileNotFoundError(f"init: no weights file at {path} (expected a .safetensors file, a checkpoint "

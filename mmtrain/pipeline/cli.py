@@ -9,6 +9,7 @@ interrupted one. Exit codes: 0 done; 1 a stage failed (the message names it and 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -43,6 +44,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 @report_user_errors
 def main(argv: list[str] | None = None, prog: str = "mmtrain run") -> int:
     args = build_parser(prog).parse_args(argv)
+    # dispatch: import only what this command runs
     from mmtrain.pipeline.recipe import load_recipe
     from mmtrain.pipeline.runner import PipelineError, format_plan, run_pipeline
     from mmtrain.slurm.submit import cancel_waiting_jobs
@@ -77,8 +79,7 @@ def main(argv: list[str] | None = None, prog: str = "mmtrain run") -> int:
 
 def use_srun(pipeline) -> None:
     """Run every stage's processes as steps of the current SLURM allocation, one per task."""
-    import os
-
+    # dispatch: import only what this command runs
     from mmtrain.pipeline.recipe import LaunchConfig
 
     tasks = os.environ.get("SLURM_NTASKS")

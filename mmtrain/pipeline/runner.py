@@ -17,10 +17,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
-from mmtrain.errors import UserError
+from mmtrain.assets.common import AssetError
+from mmtrain.assets.registry import ASSET_PREFIX, resolve_asset_reference
 from mmtrain.config.loader import dump_config
 from mmtrain.cost.ledger import ENV_LEDGER, ENV_VARIANT, LEDGER_FILE, Ledger, new_attempt_id, slurm_job
+from mmtrain.engine.distributed import remove_shm_allreduce_buffers
 from mmtrain.engine.preemption import EXIT_REQUEUE
+from mmtrain.errors import UserError
 from mmtrain.pipeline.commands import eval_command, rendezvous_port, train_command
 from mmtrain.pipeline.recipe import Pipeline, Stage
 from mmtrain.pipeline.state import (
@@ -38,10 +41,6 @@ from mmtrain.pipeline.state import (
     write_summary,
 )
 from mmtrain.utils.io import atomic_write_json, atomic_write_text
-from mmtrain.assets.registry import ASSET_PREFIX
-from mmtrain.assets.common import AssetError
-from mmtrain.assets.registry import resolve_asset_reference
-from mmtrain.engine.distributed import remove_shm_allreduce_buffers
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2

@@ -24,12 +24,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from mmtrain.errors import UserError
+import yaml
+
 from mmtrain.config.loader import ConfigError, from_dict
+from mmtrain.config.paths import latest_checkpoint
 from mmtrain.config.schema import RunConfig
+from mmtrain.errors import UserError
 from mmtrain.pipeline.recipe import Pipeline, Stage, config_differences, hashable_config
 from mmtrain.utils.io import append_line, atomic_write_json
-from mmtrain.config.paths import latest_checkpoint
 
 STAGE_FILE = "stage.json"
 ATTEMPTS_FILE = "attempts.jsonl"
@@ -102,8 +104,6 @@ def probe(stage: Stage) -> StageState:
 
 
 def _config_changes(stage: Stage) -> list[str]:
-    import yaml
-
     try:
         raw = yaml.safe_load(stage.config_file.read_text()) or {}
         stored = from_dict(RunConfig, raw, source=str(stage.config_file))

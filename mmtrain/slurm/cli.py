@@ -46,6 +46,7 @@ def build_submit_parser(prog: str) -> argparse.ArgumentParser:
 @report_user_errors
 def submit_main(argv: list[str] | None = None, prog: str = "mmtrain submit") -> int:
     args = build_submit_parser(prog).parse_args(argv)
+    # dispatch: import only what this command runs
     from mmtrain.pipeline.recipe import load_recipe
     from mmtrain.slurm.render import parse_array_over
     from mmtrain.slurm.submit import SubmitError, plan, submit
@@ -81,6 +82,7 @@ def status_main(argv: list[str] | None = None, prog: str = "mmtrain status") -> 
                         help="poll until every job has ended, for at most this long")
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
     args = parser.parse_args(argv)
+    # dispatch: import only what this command runs
     from mmtrain.slurm.status import format_status, run_status
 
     summary = run_status(args.run, args.wait)  # StatusError (a UserError): not submitted, or no sacct here

@@ -18,9 +18,9 @@ from typing import Any
 
 import mmtrain
 from mmtrain.config.loader import ConfigError
+from mmtrain.models.counting import count_parameters
 from mmtrain.pipeline.recipe import Pipeline, Stage, trained_components
 from mmtrain.slurm.options import SlurmOptions
-from mmtrain.models.counting import count_parameters
 
 TEMPLATE = Path(__file__).parent / "templates" / "stage.sbatch"
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")

@@ -15,8 +15,7 @@ from typing import Any
 from mmtrain.cost.sacct import ACTIVE_STATES, SacctRow, SacctUnavailable, query_jobs
 from mmtrain.errors import UserError
 from mmtrain.pipeline.state import read_json
-from mmtrain.slurm.submit import read_jobs
-from mmtrain.slurm.submit import dependents
+from mmtrain.slurm.submit import dependents, read_jobs
 
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 

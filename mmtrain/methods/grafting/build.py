@@ -24,11 +24,28 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from mmtrain.methods.grafting.layout import (EMBEDDINGS, SurrogateBuildError, check_cut, check_model_type,
-                                      check_tensor_names, layer_map, num_layers, split_layer_name, surrogate_config,
-                                      surrogate_name)
-from mmtrain.methods.grafting.stream import (CHUNK_BYTES, TensorEntry, WrittenFile, copy_file, plan_shards, read_header,
-                                      write_bytes, write_safetensors)
+from mmtrain.methods.grafting.layout import (
+    EMBEDDINGS,
+    SurrogateBuildError,
+    check_cut,
+    check_model_type,
+    check_tensor_names,
+    layer_map,
+    num_layers,
+    split_layer_name,
+    surrogate_config,
+    surrogate_name,
+)
+from mmtrain.methods.grafting.stream import (
+    CHUNK_BYTES,
+    TensorEntry,
+    WrittenFile,
+    copy_file,
+    plan_shards,
+    read_header,
+    write_bytes,
+    write_safetensors,
+)
 
 __all__ = ["SurrogateBuildError", "SurrogateInfo", "build_surrogate", "checkpoint_tensors", "parse_size"]
 

@@ -47,16 +47,19 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, prog: str = "mmtrain surrogate") -> int:
     """Run `trajectory` or `build`; a UserError (TrajectoryError, SurrogateBuildError, an `asset:`
     reference that cannot be resolved) prints `error: ...` and exits 2."""
+    # dispatch: import only what this command runs
     from mmtrain.assets.registry import resolve_asset_reference as _resolve
 
     args = build_parser(prog).parse_args(argv)
     if args.command == "trajectory":
+        # dispatch: import only what this command runs
         from mmtrain.methods.grafting.trajectory import run_trajectory
 
         args.model = _resolve(args.model, "MODEL")
         args.texts = [_resolve(t, "--texts") for t in args.texts]
         run_trajectory(args)
         return 0
+    # dispatch: import only what this command runs
     from mmtrain.methods.grafting.build import build_surrogate, parse_size
 
     info = build_surrogate(_resolve(args.target, "TARGET"), args.cut, args.out,

@@ -13,8 +13,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from mmtrain.errors import UserError
 from mmtrain.config.schema import InitSource, RunConfig
+from mmtrain.errors import UserError
 
 VISION_SIDE = ("vision", "resampler", "projector")
 

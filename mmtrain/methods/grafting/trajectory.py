@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mmtrain.data.corpus import CorpusError, corpus_texts
@@ -335,6 +336,7 @@ def _check_model_folder(path: Path) -> None:
 def load_model(path: Path, precision: str, ds_json: str | None, batch_size: int) -> Placement:
     """The causal LM on the launched ranks (`mmtrain.engine.placement`): one process without `ds_json`,
     partitioned under a ZeRO-3 JSON, replicated under another."""
+    # heavy (seconds to import): only where a model or tokenizer is loaded
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = _dtype(precision)
@@ -349,6 +351,7 @@ def load_model(path: Path, precision: str, ds_json: str | None, batch_size: int)
 def _gather_lens_weights(parts: LensParts, zero3: bool) -> Callable[[], contextlib.AbstractContextManager]:
     if not zero3:
         return contextlib.nullcontext
+    # heavy; imported where used, once the accelerator is chosen
     import deepspeed
 
     params = {id(p): p for m in (parts.norm, parts.head) for p in m.parameters()}  # tied head = embeddings once
@@ -372,7 +375,6 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
 def _all_reduce(tensor: torch.Tensor, world_size: int, device: torch.device) -> torch.Tensor:
     if world_size == 1:
         return tensor
-    import torch.distributed as dist
 
     on_device = tensor.to(device)
     dist.all_reduce(on_device)
@@ -382,7 +384,6 @@ def _all_reduce(tensor: torch.Tensor, world_size: int, device: torch.device) -> 
 def _all_gather_int(value: int, world_size: int, device: torch.device) -> list[int]:
     if world_size == 1:
         return [value]
-    import torch.distributed as dist
 
     out = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size)]
     dist.all_gather(out, torch.tensor([value], dtype=torch.long, device=device))
@@ -394,8 +395,6 @@ def _leave_together(world_size: int) -> None:
     # live peer, which can abort it ("terminate called without an active exception") and make the
     # launcher kill rank 0 before the files are written.
     if world_size > 1:
-        import torch.distributed as dist
-
         dist.barrier()
 
 
@@ -405,9 +404,11 @@ def _leave_together(world_size: int) -> None:
 
 def plot_trajectory(result: dict[str, Any], path: str | Path) -> None:
     """KL per layer (log scale) over the true-token probability, knee and cut marked; written atomically."""
+    # heavy: only when a plot is drawn
     import matplotlib
 
     matplotlib.use("Agg")
+    # heavy: only when a plot is drawn
     import matplotlib.pyplot as plt
 
     kl, last = result["kl"], len(result["kl"]) - 1
@@ -454,6 +455,7 @@ def run_trajectory(args: Any) -> dict[str, Any]:
     `args` has model, texts, out, num_texts, max_length, batch_size, threshold, deepspeed, precision.
     Every rank returns the result; rank 0 writes the files.
     """
+    # heavy (seconds to import): only where a model or tokenizer is loaded
     from transformers import AutoTokenizer
 
 

@@ -15,6 +15,7 @@ from mmtrain.models.trainability import mark_adapter
 
 def attach_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     """Inject LoRA into `model`'s `cfg.target_modules` and flag the LoRA matrices as adapters."""
+    # heavy: only when LoRA is attached
     from peft import LoraConfig, inject_adapter_in_model
 
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}

@@ -53,8 +53,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def _converter(args: argparse.Namespace) -> int:
+    # heavy (seconds to import): only where a model or tokenizer is loaded
     from transformers import AutoTokenizer
 
+    # dispatch: import only what this command runs
     from mmtrain.methods.vpgtrans.converter import corpus_texts, fit_word_converter, pair_tokens, save_converter
     from mmtrain.methods.vpgtrans.embeddings import read_embedding_table
     from mmtrain.utils.io import atomic_write_json
@@ -83,6 +85,7 @@ def _converter(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    # dispatch: import only what this command runs
     from mmtrain.methods.vpgtrans.merge import merge_checkpoint
 
     shapes = merge_checkpoint(args.checkpoint, args.converter, args.out)
@@ -92,6 +95,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _speedup(args: argparse.Namespace) -> int:
+    # dispatch: import only what this command runs
     from mmtrain.methods.vpgtrans.speedup import format_report, speedup_report
     from mmtrain.utils.io import atomic_write_json
 

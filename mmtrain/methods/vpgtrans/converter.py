@@ -20,11 +20,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save
 
-from mmtrain.errors import UserError
-from mmtrain.methods.vpgtrans.config import WordConverterConfig
 from mmtrain.data.corpus import CorpusError
 from mmtrain.data.corpus import corpus_texts as read_corpus
+from mmtrain.errors import UserError
+from mmtrain.methods.vpgtrans.config import WordConverterConfig
 from mmtrain.utils.io import atomic_write_bytes
 
 CONVERTER_FILE = "word_converter.safetensors"
@@ -185,8 +187,6 @@ def fit_word_converter(source_table: torch.Tensor, target_table: torch.Tensor, p
 # ---------------------------------------------------------------------------------------------- files
 def save_converter(converter: torch.nn.Linear, path: str | Path, metadata: dict[str, Any]) -> None:
     """Write `weight` and `bias` to a safetensors file (atomically), with `metadata` as JSON inside."""
-    from safetensors.torch import save
-
     data = save({"weight": converter.weight.detach().contiguous(), "bias": converter.bias.detach().contiguous()},
                 metadata={"mmtrain": json.dumps(metadata, sort_keys=True)})
     atomic_write_bytes(path, data)
@@ -194,8 +194,6 @@ def save_converter(converter: torch.nn.Linear, path: str | Path, metadata: dict[
 
 def load_converter(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """(weight [d_tgt, d_src], bias [d_tgt], metadata) of a converter file."""
-    from safetensors import safe_open
-
     path = Path(path)
     if path.is_dir():
         path = path / CONVERTER_FILE

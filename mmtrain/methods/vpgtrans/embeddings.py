@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from mmtrain.errors import UserError
@@ -29,8 +30,6 @@ KNOWN_NAMES = ("model.embed_tokens.weight", "model.language_model.embed_tokens.w
 
 def _tensor_files(folder: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file holding it, for a single-file or sharded checkpoint."""
-    from safetensors import safe_open
-
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text()).get("weight_map", {})
@@ -53,8 +52,6 @@ def read_embedding_table(folder: str | Path) -> torch.Tensor:
     Raises:
         EmbeddingReadError: no safetensors checkpoint in the folder, or no such tensor in it.
     """
-    from safetensors import safe_open
-
     folder = Path(folder)
     files = _tensor_files(folder)
     name = next((n for n in KNOWN_NAMES if n in files), None)
@@ -86,6 +83,7 @@ def gathered_embedding_table(embedding: nn.Embedding) -> torch.Tensor:
     """
     weight = embedding.weight
     if hasattr(weight, "ds_id"):
+        # heavy; imported where used, once the accelerator is chosen
         import deepspeed
 
         with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):

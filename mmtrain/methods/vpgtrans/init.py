@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from mmtrain.config.schema import InitSource, RunConfig
@@ -30,11 +31,10 @@ from mmtrain.methods.vpgtrans.converter import (
     pair_tokens,
     save_converter,
 )
-from mmtrain.methods.vpgtrans.merge import PROJECTOR_KEYS, merge_projector
-from mmtrain.utils.io import atomic_write_json
-from mmtrain.models.weights import renamed
 from mmtrain.methods.vpgtrans.embeddings import gathered_embedding_table, read_embedding_table
-from mmtrain.models.weights import IncompatibleCheckpointError, load_init_weights, trainable_weights_file
+from mmtrain.methods.vpgtrans.merge import PROJECTOR_KEYS, merge_projector
+from mmtrain.models.weights import IncompatibleCheckpointError, load_init_weights, renamed, trainable_weights_file
+from mmtrain.utils.io import atomic_write_json
 
 log = logging.getLogger("mmtrain")
 REPORT_FILE = "word_converter.json"
@@ -42,8 +42,6 @@ REPORT_FILE = "word_converter.json"
 
 def _file_names(path: Path, rename: dict[str, str]) -> dict[str, str]:
     """Model-side name -> file-side name of every tensor in a safetensors file, after `rename`."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         names = list(handle.keys())
     return {renamed(name, rename): name for name in names}
@@ -79,6 +77,7 @@ def fitted_converter(model: nn.Module, settings: WordConverterConfig, cfg: RunCo
 
     Collective when fitting under ZeRO-3 (the target's embedding table is gathered on every rank).
     """
+    # heavy (seconds to import): only where a model or tokenizer is loaded
     from transformers import AutoTokenizer
 
     if settings.path:
@@ -123,8 +122,6 @@ def fitted_converter(model: nn.Module, settings: WordConverterConfig, cfg: RunCo
 def load_converted_init(model: nn.Module, source: InitSource, cfg: RunConfig, tokenizer: Any,
                         output_dir: Path) -> list[str]:
     """Load `source` into `model`, its projector mapped through the word converter. Returns names written."""
-    from safetensors import safe_open
-
     path = trainable_weights_file(Path(source.path))
     if not path.is_file():
         raise FileNotFoundError(f"init: no weights file at {path}")
@@ -159,6 +156,7 @@ def load_converted_init(model: nn.Module, source: InitSource, cfg: RunConfig, to
     params = [projector.weight, projector.bias]
     gather = contextlib.nullcontext()
     if any(hasattr(p, "ds_id") for p in params):
+        # heavy; imported where used, once the accelerator is chosen
         import deepspeed
 
         gather = deepspeed.zero.GatheredParameters(params, modifier_rank=0)

@@ -11,10 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save
 
 from mmtrain.methods.vpgtrans.converter import ConverterError, load_converter
-from mmtrain.utils.io import atomic_write_bytes
 from mmtrain.models.weights import trainable_weights_file
+from mmtrain.utils.io import atomic_write_bytes
 
 PROJECTOR_KEYS = ("projector.weight", "projector.bias")
 
@@ -37,8 +38,6 @@ def merge_checkpoint(checkpoint: str | Path, converter: str | Path, out: str | P
 
     Returns the shapes of the tensors written.
     """
-    from safetensors.torch import load_file, save
-
     path = trainable_weights_file(Path(checkpoint))
     if not path.is_file():
         raise ConverterError(f"no trainable-weights file at {path}")

@@ -22,8 +22,8 @@ from typing import Any
 
 import yaml
 
-from mmtrain.errors import UserError
 from mmtrain.engine.metrics import METRICS_FILE
+from mmtrain.errors import UserError
 
 LOWER_IS_BETTER = ("loss", "ppl", "perplexity")
 
