@@ -155,7 +155,6 @@ def _gpu_available() -> bool:
     """Whether training here runs on a CUDA GPU (as the engine decides: DS_ACCELERATOR=cpu forces the CPU)."""
     if os.environ.get("DS_ACCELERATOR") == "cpu":
         return False
-
     return torch.cuda.is_available()
 
 

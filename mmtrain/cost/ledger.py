@@ -35,7 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-LEDGER_FILE = "ledger.jsonl"
+from mmtrain.config.paths import LEDGER_FILE
+
+__all__ = ["ENV_LEDGER", "LEDGER_FILE", "Ledger", "append_record", "new_attempt_id", "read_ledger", "slurm_job"]
+
 SCHEMA_VERSION = 1
 ENV_LEDGER = "MMTRAIN_LEDGER"
 ENV_STAGE = "MMTRAIN_STAGE"

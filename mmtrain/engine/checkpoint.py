@@ -30,14 +30,15 @@ from mmtrain.config.paths import (
     complete_checkpoints,
     latest_checkpoint,
 )
+from mmtrain.errors import UserError
 from mmtrain.utils.io import atomic_write_json
 
-__all__ = ["DS_TAG", "META_FILE", "TRAINABLE_FILE", "checkpoint_dir", "complete_checkpoints", "latest_checkpoint",
+__all__ = ["DS_TAG", "META_FILE", "TRAINABLE_FILE", "CheckpointMismatchError", "ResumeCheckpointError",
+           "check_checkpoint_fits", "checkpoint_dir", "complete_checkpoints", "latest_checkpoint",
            "load_checkpoint", "resolve_resume", "save_checkpoint", "trainable_state_dict"]
 _GATHER_CHUNK = 50_000_000
 _MISMATCHES_SHOWN = 3
 
-from mmtrain.errors import UserError  # noqa: E402  (kept apart from the import block above while it is rewritten)
 
 
 class ResumeCheckpointError(UserError, FileNotFoundError):

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import mmtrain
 from mmtrain.config import RunConfig, dump_config, to_dict
+from mmtrain.config.errors import ConfigError
 from mmtrain.config.paths import RunDir
 from mmtrain.data import Collator, StepSampler, VLMDataset
 from mmtrain.engine.accelerator import on_cpu
@@ -137,7 +138,7 @@ class Trainer:
     def _build_data(self, model):
         cfg = self.cfg
         if not cfg.data.train:
-            raise ValueError("data.train: set the training manifest (a JSONL file, or a list of them)")
+            raise ConfigError("data.train: set the training manifest (a JSONL file, or a list of them)")
         def dataset_for(manifest: str, subset: int | None) -> VLMDataset:
             return VLMDataset.for_model(manifest, model, self.tokenizer, cfg.data, self.run_dir.skipped,
                                         subset=subset, seed=cfg.seed)

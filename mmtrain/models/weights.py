@@ -17,6 +17,10 @@ from mmtrain.config.paths import TRAINABLE_FILE, RunDir, latest_checkpoint
 from mmtrain.errors import UserError
 
 
+class WeightsFileMissingError(UserError, FileNotFoundError):
+    """A weights file (an `init` source, a checkpoint's trainable weights) is not where the user said."""
+
+
 class IncompatibleCheckpointError(UserError, ValueError):
     """The checkpoint does not fit the model it is loaded into."""
 
@@ -32,7 +36,7 @@ def load_trainable_weights(model: nn.Module, path: str | Path, strict: bool = Tr
     """
     path = trainable_weights_file(Path(path))
     if not path.is_file():
-        raise FileNotFoundError(f"no trainable-weights file at {path}")
+        raise WeightsFileMissingError(f"no trainable-weights file at {path}")
     tensors = load_file(str(path))
     params = dict(model.named_parameters())
     unknown = sorted(set(tensors) - set(params))
@@ -90,7 +94,7 @@ def load_init_weights(model: nn.Module, source) -> list[str]:
     """
     path = trainable_weights_file(Path(source.path))
     if not path.is_file():
-        raise FileNotFoundError(f"init: no weights file at {path} (expected a .safetensors file, a checkpoint "
+        raise WeightsFileMissingError(f"init: no weights file at {path} (expected a .safetensors file, a checkpoint "
                                 f"folder holding {TRAINABLE_FILE}, or a run folder with a complete checkpoint)")
     tensors = load_file(str(path))
     selected: dict[str, torch.Tensor] = {}

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-from mmtrain.config.loader import ConfigError, assign_dotted, from_dict, read_yaml_mapping, to_dict
+from mmtrain.config.loader import ConfigError, assign_dotted, check_config, from_dict, read_yaml_mapping, to_dict
 from mmtrain.config.methods import sections, with_hook, with_sections
 from mmtrain.config.paths import RunDir
 from mmtrain.config.schema import InitSource, RunConfig
@@ -303,7 +303,9 @@ def _resolve_config(recipe: Path, where: str, base: dict[str, Any], base_source:
         key, _, value = assignment.partition("=")
         _refuse_pipeline_key(key.strip(), f"--set {assignment}")
         assign_dotted(raw, key.strip(), yaml.safe_load(value) if value != "" else None)
-    config = _build_run_config(raw, f"--set (stage {where.split('.', 1)[1]})" if cli_overrides else base_source)
+    source = f"--set (stage {where.split('.', 1)[1]})" if cli_overrides else base_source
+    config = _build_run_config(raw, source)
+    check_config(config, source)
     config.output_dir = str(folder)
     config.checkpoint.resume = "auto"
     return config

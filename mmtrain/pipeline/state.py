@@ -32,6 +32,7 @@ from mmtrain.config.schema import RunConfig
 from mmtrain.errors import UserError
 from mmtrain.pipeline.recipe import Pipeline, Stage, config_differences, hashable_config
 from mmtrain.utils.io import append_line, atomic_write_json
+from mmtrain.config.paths import RunDir
 
 STAGE_FILE = "stage.json"
 ATTEMPTS_FILE = "attempts.jsonl"
@@ -238,7 +239,7 @@ def stage_record(stage: Stage, status: str, message: str | None = None) -> dict[
     metrics = _read_metrics(folder)
     train = [r for r in metrics if "loss" in r]
     val = [r for r in metrics if "val_loss" in r]
-    run_info = read_json(folder / "run_info.json") or {}
+    run_info = read_json(RunDir(folder).run_info) or {}
     step = latest_step(folder)
     evals = {spec.name: read_json(stage.eval_output(spec)) for spec in stage.evals
              if stage.eval_output(spec).is_file()}
@@ -269,7 +270,7 @@ def stage_record(stage: Stage, status: str, message: str | None = None) -> dict[
 
 
 def _read_metrics(folder: Path) -> list[dict[str, Any]]:
-    return _read_jsonl(folder / "metrics.jsonl")
+    return _read_jsonl(RunDir(folder).metrics)
 
 
 def headline(result: Any) -> dict[str, float]:

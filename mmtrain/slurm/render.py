@@ -21,6 +21,7 @@ from mmtrain.config.loader import ConfigError
 from mmtrain.models.counting import count_parameters
 from mmtrain.pipeline.recipe import Pipeline, Stage, trained_components
 from mmtrain.slurm.options import SlurmOptions
+from mmtrain.config.paths import LEDGER_FILE
 
 TEMPLATE = Path(__file__).parent / "templates" / "stage.sbatch"
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
@@ -108,7 +109,7 @@ def render_stage(pipeline: Pipeline, stage: Stage, options: SlurmOptions, submit
         "setup": "\n".join(options.setup),
         "workdir": shlex.quote(str(Path.cwd())),
         "pythonpath": shlex.quote(str(Path(mmtrain.__file__).resolve().parents[1])),
-        "ledger": shlex.quote(str((submit_dir / "ledger.jsonl").resolve())),
+        "ledger": shlex.quote(str((submit_dir / LEDGER_FILE).resolve())),
         "submit_dir": shlex.quote(str(submit_dir.resolve())),
         "environment": "\n".join(f"export {k}={shlex.quote(str(v))}" for k, v in _environment(options).items()),
         "select_variant": _select_variant(array),

@@ -33,7 +33,8 @@ from mmtrain.methods.vpgtrans.converter import (
 )
 from mmtrain.methods.vpgtrans.embeddings import gathered_embedding_table, read_embedding_table
 from mmtrain.methods.vpgtrans.merge import PROJECTOR_KEYS, merge_projector
-from mmtrain.models.weights import IncompatibleCheckpointError, load_init_weights, renamed, trainable_weights_file
+from mmtrain.models.weights import (IncompatibleCheckpointError, WeightsFileMissingError, load_init_weights, renamed,
+                                    trainable_weights_file)
 from mmtrain.utils.io import atomic_write_json
 
 log = logging.getLogger("mmtrain")
@@ -124,7 +125,7 @@ def load_converted_init(model: nn.Module, source: InitSource, cfg: RunConfig, to
     """Load `source` into `model`, its projector mapped through the word converter. Returns names written."""
     path = trainable_weights_file(Path(source.path))
     if not path.is_file():
-        raise FileNotFoundError(f"init: no weights file at {path}")
+        raise WeightsFileMissingError(f"init: no weights file at {path}")
     if source.modules and not any(_is_projector(m) for m in source.modules):
         raise ConverterError(f"init ({source.path}): word_converter maps the projector, but init.modules "
                              f"({', '.join(source.modules)}) does not select it; add `projector`")

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from mmtrain.engine.metrics import METRICS_FILE
+from mmtrain.config.paths import CONFIG_FILE, METRICS_FILE
 from mmtrain.errors import UserError
 
 LOWER_IS_BETTER = ("loss", "ppl", "perplexity")
@@ -64,7 +64,7 @@ def lower_is_better(metric: str) -> bool:
 
 
 def _stage_folders(run: Path) -> list[Path]:
-    if (run / METRICS_FILE).is_file() or (run / "config.yaml").is_file():
+    if (run / METRICS_FILE).is_file() or (run / CONFIG_FILE).is_file():
         return [run]
     folders = sorted(p for p in run.iterdir() if p.is_dir() and p.name[:2].isdigit() and p.name[2:3] == "-")
     if not folders:
@@ -73,7 +73,7 @@ def _stage_folders(run: Path) -> list[Path]:
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
-    for name in ("stage_config.yaml", "config.yaml"):
+    for name in ("stage_config.yaml", CONFIG_FILE):
         if (folder / name).is_file():
             return yaml.safe_load((folder / name).read_text()) or {}
     raise SpeedupError(f"{folder}: no stage_config.yaml or config.yaml")
