@@ -148,6 +148,15 @@ def build_llm(cfg: LLMConfig, attn_implementation: str, dtype: torch.dtype = tor
     return CausalLM(model)
 
 
+def llm_is_encoder_decoder(cfg: LLMConfig) -> bool | None:
+    """Whether the configured LLM is an encoder-decoder LM, from its config alone; None when its config
+    cannot be read here (e.g. a model folder that exists only where the job runs)."""
+    try:
+        return bool(getattr(resolve_llm_config(cfg), "is_encoder_decoder", False))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def llm_hidden_size(cfg: LLMConfig) -> int:
     """The LLM's width, read from its config alone (no weights loaded)."""
     return resolve_llm_config(cfg).hidden_size

@@ -7,7 +7,7 @@ from mmtrain.config.methods import MethodSpec
 from mmtrain.config.schema import LLMConfig, ModelConfig, RunConfig
 from mmtrain.methods.mma.adapters import ModalityToken, attach_adapters
 from mmtrain.methods.mma.config import AdapterConfig
-from mmtrain.models.llm import LanguageModel, decoder_layers
+from mmtrain.models.llm import LanguageModel, decoder_layers, llm_is_encoder_decoder
 from mmtrain.models.trainability import mark_adapter
 from mmtrain.models.vision import HFVisionTower
 from mmtrain.models.vlm import VisionLanguageModel
@@ -55,9 +55,16 @@ def attach(model: VisionLanguageModel, cfg: ModelConfig) -> None:
 
 
 def check(cfg: RunConfig, source: str) -> None:
-    if cfg.model.llm.adapter is not None and getattr(cfg.model.llm, "lora", None) is not None:
+    """At load: MMA's LLM adapters exclude LoRA and need a decoder-only LLM."""
+    llm = cfg.model.llm
+    if llm.adapter is None:
+        return
+    if getattr(llm, "lora", None) is not None:
         raise ConfigError(f"{source}: `model.llm.adapter` (MMA) and `model.llm.lora` are both set; choose one of "
                           "them (remove the other section)")
+    if llm_is_encoder_decoder(llm):
+        raise ConfigError(f"{source}: `model.llm.adapter`: MMA adapters attach to decoder-only LMs and this LLM is "
+                          "an encoder-decoder LM; use `model.llm.vl_pet` for it")
 
 
 METHOD = MethodSpec(

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from mmtrain.config.methods import MethodSpec
-from mmtrain.config.schema import ModelConfig
+from mmtrain.config.loader import ConfigError
+from mmtrain.config.schema import ModelConfig, RunConfig
 from mmtrain.methods.vl_pet.config import VLPETConfig
 from mmtrain.methods.vl_pet.modules import AttachedVLPET, attach_vl_pet
-from mmtrain.models.llm import LanguageModel
+from mmtrain.models.llm import LanguageModel, llm_is_encoder_decoder
 from mmtrain.models.vlm import VisionLanguageModel
 
 
@@ -26,9 +27,23 @@ def attach(model: VisionLanguageModel, cfg: ModelConfig) -> None:
         attach_to_llm(model.llm, cfg.llm.vl_pet)
 
 
+def check(cfg: RunConfig, source: str) -> None:
+    """At load: VL-PET needs an encoder-decoder LLM, unquantised."""
+    llm = cfg.model.llm
+    if llm.vl_pet is None:
+        return
+    if llm_is_encoder_decoder(llm) is False:
+        raise ConfigError(f"{source}: `model.llm.vl_pet` needs an encoder-decoder LM (T5, BART) and this LLM is "
+                          "decoder-only; use `model.llm.adapter` (MMA) or `model.llm.lora` for it")
+    if llm.quantization != "none":
+        raise ConfigError(f"{source}: `model.llm.quantization` = {llm.quantization!r} is for decoder-only LMs; "
+                          "VL-PET's encoder-decoder LM loads unquantised (set it to none)")
+
+
 METHOD = MethodSpec(
     name="vl_pet",
     summary="VL-PET: granularity-controlled modules on an encoder-decoder LLM (T5, BART)",
     attach_order=20,
+    check=check,
     attach=attach,
 )
