@@ -35,7 +35,7 @@ PIPELINE_KEYS = {
 }
 # Keys that change neither the weights nor the metrics a stage produces: changing them does not make
 # a completed stage stale (see `config_hash`).
-BOOKKEEPING_KEYS = ("output_dir", "progress_bar", "stop_after_steps", "log_every", "checkpoint")
+BOOKKEEPING_KEYS = ("output_dir", "progress_bar", "stop_after_steps", "log_every", "logging", "checkpoint")
 _STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _EVAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _EVAL_OPTION = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
