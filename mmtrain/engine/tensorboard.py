@@ -2,7 +2,8 @@
 
 Rank 0 writes every number of each metrics record (`train/loss`, `train/lr`, `train/grad_norm`,
 `val/val_loss`...) at its global step, so `tensorboard --logdir runs/` shows the same curves as
-`metrics.jsonl`.
+`metrics.jsonl`. Like that file, a resumed run drops what an earlier invocation logged after the
+step it resumes from (TensorBoard's `purge_step`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mmtrain.engine.events import EvaluationEnd, Event, StepEnd
+from mmtrain.engine.events import EvaluationEnd, Event, LoopStart, StepEnd
 
 TRAIN_PREFIX = "train/"
 VALIDATION_PREFIX = "val/"
@@ -27,13 +28,18 @@ class TensorBoardSink:
 
     def __init__(self, folder: Path, enabled: bool) -> None:
         self.folder = Path(folder)
+        self.enabled = enabled
         self._writer = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
-
-            self._writer = SummaryWriter(log_dir=str(self.folder))
 
     def handle(self, event: Event) -> None:
+        if not self.enabled:
+            return
+        if isinstance(event, LoopStart):
+            # imports tensorboard: only when logging.tensorboard is on
+            from torch.utils.tensorboard import SummaryWriter
+
+            # Events an earlier invocation logged after the step this one starts from are dropped.
+            self._writer = SummaryWriter(log_dir=str(self.folder), purge_step=event.step + 1)
         if self._writer is None:
             return
         if isinstance(event, StepEnd) and event.record is not None:

@@ -53,6 +53,7 @@ from mmtrain.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("mmtrain")
 
+
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + micro * 104_729 + rank * 15_485_863) % (2**63 - 1)
 
