@@ -1,10 +1,11 @@
-"""Run configuration: schema and strict loading."""
+"""Run configuration: schema (with the methods' sections), strict loading, rules, run-folder paths."""
 
-from mmtrain.config.loader import ConfigError, dump_config, from_dict, load_config, to_dict
+from mmtrain.config.loader import ConfigError, check_config, dump_config, from_dict, load_config, to_dict
 from mmtrain.config.schema import (
     CheckpointConfig,
     DataConfig,
     LLMConfig,
+    LoggingConfig,
     ModelConfig,
     OptimConfig,
     ProjectorConfig,
@@ -14,7 +15,7 @@ from mmtrain.config.schema import (
 )
 
 __all__ = [
-    "CheckpointConfig", "ConfigError", "DataConfig", "LLMConfig", "ModelConfig", "OptimConfig",
-    "ProjectorConfig", "ResamplerConfig", "RunConfig", "VisionConfig", "dump_config", "from_dict",
+    "CheckpointConfig", "ConfigError", "DataConfig", "LLMConfig", "LoggingConfig", "ModelConfig", "OptimConfig",
+    "ProjectorConfig", "ResamplerConfig", "RunConfig", "VisionConfig", "check_config", "dump_config", "from_dict",
     "load_config", "to_dict",
 ]

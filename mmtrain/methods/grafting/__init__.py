@@ -9,4 +9,6 @@ full target with no further training ("grafting").
 * `layout.py`, `stream.py`, `build.py`: the surrogate built by streaming the target's (sharded)
   safetensors checkpoint tensor by tensor, so a 70B target never has to fit in memory.
 * `graft.py`: load a trained vision side into another (the full target) LLM.
+* `method.py`: the plug-in: flags a surrogate's translator for `trainable: adapters` (`attach`) and
+  puts a run's vision side on another LLM for `mmtrain eval --graft-llm` (`retarget`).
 """
