@@ -155,7 +155,8 @@ class Seq2SeqLM(LanguageModel):
         return out[:, 1:]
 
 
-def build_seq2seq_llm(config, cfg: LLMConfig, attn_implementation: str, dtype: torch.dtype = torch.float32) -> Seq2SeqLM:
+def build_seq2seq_llm(config, cfg: LLMConfig, attn_implementation: str,
+                      dtype: torch.dtype = torch.float32) -> Seq2SeqLM:
     """Load `cfg.name_or_path` (or build randomly from the resolved `config`) as a `Seq2SeqLM`.
 
     VL-PET, when the config asks for it, is attached afterwards by its plug-in (`mmtrain.methods.vl_pet`).

@@ -113,7 +113,8 @@ def test_a_new_method_is_a_new_package(tmp_path):
     (metadata / "entry_points.txt").write_text("[mmtrain.methods]\nscale_gate = mmtrain_scale_gate\n")
     model = {"vision": {"config": TINY_VISION, "trainable": "frozen"},
              "resampler": {"kind": "mlp", "hidden_size": 16},
-             "llm": {"config": {"model_type": "llama", **TINY_LLM}, "trainable": "adapters", "scale_gate": {"init": 0.5}}}
+             "llm": {"config": {"model_type": "llama", **TINY_LLM}, "trainable": "adapters",
+                     "scale_gate": {"init": 0.5}}}
     good = write_config({"model": model}, tmp_path / "good.yaml")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugins), str(REPO)])}
     proc = subprocess.run([sys.executable, "-c", PROBE, str(good)], cwd=tmp_path, env=env, capture_output=True,
