@@ -7,7 +7,6 @@ resolved when the config is loaded, so the run folder's `config.yaml` records th
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from mmtrain.assets import emoji, kgeography, mcqa, mnist, mobilenet, models, prose, tuxpaint
@@ -62,12 +61,3 @@ def resolve_asset_reference(value: str, key: str = "") -> str:
     if rest and not path.exists():
         raise AssetError(f"{where}{path} does not exist in the prepared asset {name!r}")
     return str(path)
-
-
-def resolve_cli_reference(value: str, flag: str) -> str:
-    """`resolve_asset_reference` for a command-line value: on failure print `error: ...` and exit 2."""
-    try:
-        return resolve_asset_reference(value, flag)
-    except AssetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
