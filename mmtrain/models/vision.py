@@ -37,7 +37,7 @@ class HFVisionTower(VisionTower):
         self.feature_layer = feature_layer
         self.cls_every = cls_every
         config = model.config
-        size = getattr(config, "image_size", 224)
+        size = _processor_input_size(processor) or getattr(config, "image_size", 224)
         self.image_shape = (getattr(config, "num_channels", 3), size, size)
         self.out_dim = config.hidden_size
         patch = getattr(config, "patch_size", None)
@@ -81,6 +81,20 @@ class HFVisionTower(VisionTower):
             if isinstance(module, nn.ModuleList) and len(module) == depth:
                 return list(module)
         raise ValueError(f"cannot find the {depth} transformer blocks of {type(self.model).__name__}")
+
+
+def _processor_input_size(processor) -> int | None:
+    """The square side (px) of what `processor` hands the model, when it says so: the crop when it
+    crops, else a fixed resize. A tower can run below its pretraining size (DINOv2: 224 px images
+    on position embeddings for 518 px, interpolated)."""
+    def side(sizes) -> int | None:  # a dict, or transformers' SizeDict
+        height = sizes.get("height") if isinstance(sizes, dict) else getattr(sizes, "height", None)
+        width = sizes.get("width") if isinstance(sizes, dict) else getattr(sizes, "width", None)
+        return int(height) if height and height == width else None
+
+    if getattr(processor, "do_center_crop", False):
+        return side(getattr(processor, "crop_size", None))
+    return side(getattr(processor, "size", None))
 
 
 def _default_processor(config):

@@ -22,7 +22,7 @@ from tests.conftest import REPO
 PACKAGE = REPO / "mmtrain"
 ENTRY_POINTS = ("cli.py", "__main__.py", "train.py")
 """Modules that dispatch commands: they may import first-party code where the command runs."""
-LAZY_THIRD_PARTY = {"deepspeed", "transformers", "matplotlib", "bitsandbytes", "peft", "h5py",
+LAZY_THIRD_PARTY = {"deepspeed", "transformers", "matplotlib", "bitsandbytes", "peft", "h5py", "onnx",
                     "torch.utils.tensorboard"}
 """Heavy (seconds to import) or optional packages, imported where they are needed."""
 

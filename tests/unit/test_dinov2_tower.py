@@ -1,0 +1,64 @@
+"""DINOv2 as a vision tower (`model.vision: {kind: hf}`): the input size comes from the image processor
+(the model interpolates its position embeddings), and the tower options work on it: CLS dropping,
+`feature_layer`, `trainable_top_k` and MMA adapters before each block's `norm1`. Tiny random weights;
+the real pretrained asset is tested in tests/integration/test_dinov2_real.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from mmtrain.assets.dinov2 import image_processor
+from mmtrain.config.schema import ModelConfig, VisionConfig
+from mmtrain.methods.mma.config import AdapterConfig
+from mmtrain.methods.mma.method import attach_vision_adapters
+from mmtrain.models.trainability import apply_trainability
+from mmtrain.models.vision import build_vision_tower
+
+
+@pytest.fixture(scope="module")
+def tiny_dinov2(tmp_path_factory):
+    from transformers import Dinov2Config, Dinov2Model
+
+    folder = tmp_path_factory.mktemp("dinov2")
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, mlp_ratio=2, patch_size=14,
+                          image_size=70, layer_norm_eps=1e-6, layerscale_value=1.0)
+    Dinov2Model(config).save_pretrained(folder)
+    processor = image_processor()
+    processor.size = {"height": 42, "width": 42}
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_input_size_comes_from_the_processor(tiny_dinov2):
+    tower = build_vision_tower(VisionConfig(name_or_path=str(tiny_dinov2)), "sdpa")
+    assert tower.image_shape == (3, 42, 42)  # not the config's 70 px: 3 x 3 patches
+    assert tower.num_tokens == 9 and tower.out_dim == 32 and len(tower.blocks()) == 3
+    pixels = tower.image_transform(Image.new("RGB", (100, 60), (200, 40, 10)))
+    assert pixels.shape == (3, 42, 42)
+    assert tower(pixels[None]).shape == (1, 9, 32)
+    with_cls = build_vision_tower(VisionConfig(name_or_path=str(tiny_dinov2), drop_cls=False, feature_layer=-2),
+                                  "sdpa")
+    assert with_cls.num_tokens == 10
+    states = with_cls.model(pixel_values=pixels[None], output_hidden_states=True).hidden_states
+    assert torch.equal(with_cls(pixels[None]), states[-2])
+
+
+def test_mma_adapters_and_top_blocks_train(tiny_dinov2):
+    tower = build_vision_tower(VisionConfig(name_or_path=str(tiny_dinov2)), "sdpa").eval()
+    pixels = torch.rand(2, 3, 42, 42)
+    before = tower(pixels)
+    attached = attach_vision_adapters(tower, AdapterConfig(dropout=0.0))
+    assert len(attached.adapters()) == 3
+    assert torch.allclose(tower(pixels), before, atol=1e-6)  # zero-initialised up-projections
+
+    model = torch.nn.Module()
+    model.vision = build_vision_tower(VisionConfig(name_or_path=str(tiny_dinov2)), "sdpa")
+    for name in ("resampler", "projector", "llm"):
+        setattr(model, name, torch.nn.Linear(2, 2))
+    cfg = ModelConfig(vision=VisionConfig(trainable="frozen", trainable_top_k=1))
+    apply_trainability(model, cfg)
+    trained = {n for n, p in model.vision.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith("model.encoder.layer.2.") for n in trained)
