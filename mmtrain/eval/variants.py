@@ -11,7 +11,7 @@ import dataclasses
 from mmtrain.data.manifest import GPT, HUMAN, Sample
 from mmtrain.data.templates import DEFAULT_IMAGE_PLACEHOLDER
 
-OPTION_LETTERS = "ABCDEFGHIJ"
+OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 def _strip_placeholder(text: str, placeholder: str) -> str:

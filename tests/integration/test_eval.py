@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmtrain.assets.easy_vqa import choice_record
 from tests.conftest import REPO, launch, tiny_config, write_config
 
 
@@ -136,3 +137,23 @@ def test_eval_bad_target_and_manifest_fail_clearly(trained_run, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mmtrain", "eval", str(trained_run["run"]), "--data", str(bad)],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and f"{bad}:2" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_thirteen_way_choice_as_easy_vqa_asks_it(trained_run, tmp_path):
+    """easy-VQA's multiple choice has 13 options (all its answers): scored, with chance 1/13."""
+    answers = ["circle", "green", "red", "gray", "yes", "teal", "black", "rectangle", "yellow", "triangle", "brown",
+               "blue", "no"]
+    folder = Path(trained_run["assets"]["val"]).parent
+    images = [json.loads(line)["image"] for line in Path(trained_run["assets"]["val"]).read_text().splitlines()][:4]
+    records = [choice_record({"id": f"q{i}", "image": str(folder / image), "question": "what shape is it?",
+                              "answer": answers[(3 * i) % 13]}, answers) for i, image in enumerate(images)]
+    for record in records:  # the tiny LLM's context holds no 13-line option list: the options are scored alone
+        record["conversations"][0]["value"] = "<image>\nWhich?"
+    manifest = tmp_path / "choice.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, "-m", "mmtrain", "eval", str(trained_run["run"]), "--data", str(manifest),
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    mc = json.loads(out.read_text())["multiple_choice"]
+    assert mc["questions"] == 4 and mc["chance"] == pytest.approx(1 / 13) and 0 <= mc["accuracy"] <= 1
