@@ -59,8 +59,8 @@ def _graph_bytes(with_positions: bool) -> bytes:
         nodes.append(helper.make_node("Concat", ["onnx::Concat_1957", "reshaped"], ["positions"], axis=1,
                                       name=dinov2.POSITION_CONCAT))
     output = "positions" if with_positions else "reshaped"
-    graph = helper.make_graph(nodes, "fake", [], [helper.make_tensor_value_info(output, TensorProto.FLOAT, [1, None, 384])],
-                              initializer=[cls, patches, token, shape])
+    outputs = [helper.make_tensor_value_info(output, TensorProto.FLOAT, [1, None, 384])]
+    graph = helper.make_graph(nodes, "fake", [], outputs, initializer=[cls, patches, token, shape])
     return helper.make_model(graph).SerializeToString()
 
 
