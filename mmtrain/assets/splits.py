@@ -69,6 +69,18 @@ def split_items(items: Iterable[T], key: Callable[[T], str], fractions: Sequence
     return {name: [keyed[k] for k in sorted(chosen[name])] for name in SPLITS}
 
 
+def split_by_caption(records: Iterable[T], seed: int = 0) -> dict[str, list[T]]:
+    """Train/val/test captioned pictures, stratified by category, pictures sharing a caption in one split
+    (so no test caption was trained on under another picture). Records have `.caption`, `.category`
+    and a unique `.id`; each split is sorted by id."""
+    by_caption: dict[str, list[T]] = {}
+    for record in records:
+        by_caption.setdefault(record.caption, []).append(record)
+    groups = split_items(by_caption.values(), key=lambda group: group[0].caption, seed=seed,
+                         stratify=lambda group: group[0].category)
+    return {name: sorted((r for group in groups[name] for r in group), key=lambda r: r.id) for name in SPLITS}
+
+
 def _checked_fractions(fractions: Sequence[float]) -> tuple[float, ...]:
     values = tuple(float(f) for f in fractions)
     if len(values) != len(SPLITS) or any(not math.isfinite(f) or f < 0 for f in values) \

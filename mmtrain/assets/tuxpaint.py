@@ -26,7 +26,7 @@ from pathlib import Path
 from PIL import Image
 
 from mmtrain.assets.common import Asset, AssetError, apt_install, debian_package_version, write_jsonl
-from mmtrain.assets.splits import DEFAULT_FRACTIONS, SPLITS, count_by, split_items, write_json
+from mmtrain.assets.splits import DEFAULT_FRACTIONS, SPLITS, count_by, split_by_caption, write_json
 
 PACKAGE = "tuxpaint-stamps-default"
 STAMPS_DIR = Path("/usr/share/tuxpaint/stamps")
@@ -94,16 +94,6 @@ def find_stamps(root: Path = STAMPS_DIR) -> tuple[list[Stamp], dict[str, int]]:
     return stamps, skipped
 
 
-def split_stamps(stamps: list[Stamp], seed: int = SEED) -> dict[str, list[Stamp]]:
-    """Train/val/test stamps, stratified by category; stamps sharing a caption stay together."""
-    by_caption: dict[str, list[Stamp]] = {}
-    for stamp in stamps:
-        by_caption.setdefault(stamp.caption, []).append(stamp)
-    groups = split_items(by_caption.values(), key=lambda group: group[0].caption, seed=seed,
-                         stratify=lambda group: group[0].category)
-    return {name: sorted((s for group in groups[name] for s in group), key=lambda s: s.id) for name in SPLITS}
-
-
 def build(staging: Path) -> None:
     """Writes the tuxpaint manifests and info file into `staging`."""
     apt_install([PACKAGE])
@@ -112,7 +102,7 @@ def build(staging: Path) -> None:
     stamps, skipped = find_stamps(STAMPS_DIR)
     if not stamps:
         raise AssetError(f"no captioned raster stamps found under {STAMPS_DIR}")
-    splits = split_stamps(stamps)
+    splits = split_by_caption(stamps, seed=SEED)
     for name in SPLITS:
         write_jsonl(staging / f"{name}.jsonl", ({"id": s.id, "image": str(s.image), "text": s.caption,
                                                  "category": s.category} for s in splits[name]))

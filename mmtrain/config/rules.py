@@ -108,6 +108,10 @@ def value_problems(cfg: RunConfig) -> list[str]:
         within(f"optim.betas[{i}]", beta, 0, 1, " (AdamW's betas, e.g. [0.9, 0.999])", high_open=True)
     above("optim.eps", optim.eps, 0, " (e.g. 1e-8)")
     at_least("grad_clip", cfg.grad_clip, 0, " (0 = no clipping)")
+    at_least("model.resampler.spatial_merge", cfg.model.resampler.spatial_merge, 1, " (1 = keep every token)")
+    if cfg.model.resampler.spatial_merge > 1 and cfg.model.resampler.kind != "mlp":
+        problems.append(f"`model.resampler.spatial_merge` = {cfg.model.resampler.spatial_merge} applies to "
+                        f"`kind: mlp` only, not {cfg.model.resampler.kind!r}; set it to 1 or use the MLP resampler")
     at_least("data.max_length", cfg.data.max_length, 1, " (tokens per sample, image tokens included)")
     at_least("data.num_workers", cfg.data.num_workers, 0, " (0 = load in the training process)")
     at_least("data.train_samples", cfg.data.train_samples, 1, " (or null: every sample)", optional=True)

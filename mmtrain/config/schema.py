@@ -27,6 +27,10 @@ class _VisionCore:
     """Hugging Face model name or local folder; loaded with its image processor."""
     config: dict[str, Any] | None = None
     """Build a randomly initialised tower from this config dict instead (needs `model_type`)."""
+    image_size: int | None = None
+    """Run the tower on square images of this side (px) instead of its image processor's: resize the
+    shorter side to it, then centre-crop. For ViTs that interpolate their position embeddings (DINOv2);
+    e.g. 112 on small pictures costs a quarter of 224's compute. Null: the processor's own size."""
     trainable: Trainability = "frozen"
     trainable_top_k: int = 0
     """With `trainable: frozen`, still train the top k transformer blocks of the tower."""
@@ -55,6 +59,10 @@ class ResamplerConfig:
     num_heads: int = 8
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    spatial_merge: int = 1
+    """`mlp` only: merge each k x k block of neighbouring patch tokens into one token before the MLP
+    (Qwen2-VL's patch merger: layer norm, concatenate, MLP), so a 16x16 grid gives 64 tokens at k = 2
+    and 16 at k = 4. Needs a square token grid (`drop_cls: true` on a ViT); 1 = keep every token."""
     trainable: Trainability = "full"
 
 

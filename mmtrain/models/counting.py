@@ -24,6 +24,7 @@ from mmtrain.errors import EXIT_USER_ERROR, report_user_errors
 from mmtrain.models.build import build_vlm
 from mmtrain.models.mobilenet_v2 import CONFIG_FILE, RANDOM_CONFIG_KEYS, resolve_pretrained_folder
 from mmtrain.models.trainability import format_parameter_table, numel, parameter_table
+from mmtrain.models.vision import processor_input_size
 from mmtrain.utils.io import atomic_write_json
 
 # Name fragments that say which method a trainable parameter belongs to, checked in order.
@@ -42,7 +43,7 @@ KINDS = (
 def config_only(cfg: ModelConfig) -> ModelConfig:
     """A copy of `cfg` whose pretrained parts are built from their config files (no weights read)."""
     # heavy (seconds to import): only where a model or tokenizer is loaded
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoImageProcessor
 
     cfg = copy.deepcopy(cfg)
     if cfg.llm.name_or_path:
@@ -52,7 +53,11 @@ def config_only(cfg: ModelConfig) -> ModelConfig:
     if cfg.vision.name_or_path:
         if cfg.vision.kind == "hf":
             loaded = AutoConfig.from_pretrained(cfg.vision.name_or_path)
-            cfg.vision = replace(cfg.vision, name_or_path=None, config=loaded.to_dict())
+            # the pretrained image processor fixes the input size the tower runs at (DINOv2: 224 px on
+            # position embeddings for 518): keep it, or the token count differs from the real model's
+            image_size = cfg.vision.image_size or processor_input_size(
+                AutoImageProcessor.from_pretrained(cfg.vision.name_or_path))
+            cfg.vision = replace(cfg.vision, name_or_path=None, config=loaded.to_dict(), image_size=image_size)
         elif cfg.vision.kind == "mobilenetv2":
             saved = json.loads((resolve_pretrained_folder(cfg.vision.name_or_path) / CONFIG_FILE).read_text())
             cfg.vision = replace(cfg.vision, name_or_path=None,

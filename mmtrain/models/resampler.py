@@ -1,4 +1,4 @@
-"""Visual prompt generators: a Q-Former-style query resampler, a per-token MLP, or none (identity).
+"""Visual prompt generators: a Q-Former-style query resampler, an MLP (per token or per merged block), or none.
 
 The Q-Former resampler has N learned queries that self-attend and cross-attend to the tower's
 features for a few layers, so the LLM always sees N visual tokens whatever the image size.
@@ -7,10 +7,13 @@ Attention runs through `F.scaled_dot_product_attention` (flash/memory-efficient 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmtrain.config.errors import ConfigError
 from mmtrain.config.schema import ResamplerConfig
 
 
@@ -83,18 +86,41 @@ class QFormerResampler(nn.Module):
         return self.norm(queries)
 
 
+def merge_patches(feats: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, s*s, D] row-major patch tokens -> [B, (s/k)^2, k*k*D]: each k x k block concatenated."""
+    b, n, d = feats.shape
+    side = math.isqrt(n)
+    blocks = feats.view(b, side // k, k, side // k, k, d).permute(0, 1, 3, 2, 4, 5)
+    return blocks.reshape(b, (side // k) ** 2, k * k * d)
+
+
 class MLPResampler(nn.Module):
-    """Per-token two-layer MLP (LLaVA-style): keeps every image token."""
+    """Two-layer MLP on every image token (LLaVA-style), or on merged k x k blocks of them (Qwen2-VL)."""
 
     def __init__(self, in_dim: int, cfg: ResamplerConfig) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, cfg.hidden_size), nn.GELU(), nn.Linear(cfg.hidden_size, cfg.hidden_size))
+        self.merge = cfg.spatial_merge
+        self.input_norm = nn.LayerNorm(in_dim) if self.merge > 1 else nn.Identity()
+        merged_dim = in_dim * self.merge**2
+        self.mlp = nn.Sequential(nn.Linear(merged_dim, cfg.hidden_size), nn.GELU(), nn.Linear(cfg.hidden_size, cfg.hidden_size))
         self.out_dim = cfg.hidden_size
 
     def num_output_tokens(self, in_tokens: int) -> int:
-        return in_tokens
+        if self.merge == 1:
+            return in_tokens
+        side = math.isqrt(in_tokens)
+        if side * side != in_tokens or side % self.merge:
+            raise ConfigError(
+                f"model.resampler.spatial_merge={self.merge} needs a square grid of image tokens whose side is a "
+                f"multiple of {self.merge}, but the tower gives {in_tokens} tokens"
+                + ("; set model.vision.drop_cls: true to drop the CLS token" if side * side == in_tokens - 1 else "")
+            )
+        return (side // self.merge) ** 2
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        feats = self.input_norm(feats)
+        if self.merge > 1:
+            feats = merge_patches(feats, self.merge)
         return self.mlp(feats)
 
 

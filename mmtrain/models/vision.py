@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import mmtrain.models.mobilenet_v2  # noqa: F401  (registers the `mobilenetv2` family)
+from mmtrain.config.errors import ConfigError
 from mmtrain.config.schema import VisionConfig
 from mmtrain.models.tower import VISION_TOWERS, VisionTower, register_vision_tower
 
@@ -37,7 +38,7 @@ class HFVisionTower(VisionTower):
         self.feature_layer = feature_layer
         self.cls_every = cls_every
         config = model.config
-        size = _processor_input_size(processor) or getattr(config, "image_size", 224)
+        size = processor_input_size(processor) or getattr(config, "image_size", 224)
         self.image_shape = (getattr(config, "num_channels", 3), size, size)
         self.out_dim = config.hidden_size
         patch = getattr(config, "patch_size", None)
@@ -83,7 +84,7 @@ class HFVisionTower(VisionTower):
         raise ValueError(f"cannot find the {depth} transformer blocks of {type(self.model).__name__}")
 
 
-def _processor_input_size(processor) -> int | None:
+def processor_input_size(processor) -> int | None:
     """The square side (px) of what `processor` hands the model, when it says so: the crop when it
     crops, else a fixed resize. A tower can run below its pretraining size (DINOv2: 224 px images
     on position embeddings for 518 px, interpolated)."""
@@ -131,4 +132,22 @@ def build_hf_tower(cfg: VisionConfig, attn_implementation: str) -> HFVisionTower
         raise ValueError("model.vision: set `name_or_path` (HF name or folder) or `config` (a dict)")
     if hasattr(model, "vision_model") and hasattr(model.config, "vision_config"):
         model = model.vision_model  # a dual encoder (CLIP/SigLIP): keep the image side only
-    return HFVisionTower(model, processor, cfg.feature_layer, cfg.drop_cls, cfg.cls_every)
+    if cfg.image_size is not None:
+        resize_processor(processor, cfg.image_size)
+    try:
+        return HFVisionTower(model, processor, cfg.feature_layer, cfg.drop_cls, cfg.cls_every)
+    except (RuntimeError, ValueError) as error:
+        if cfg.image_size is None:
+            raise
+        raise ConfigError(f"model.vision.image_size={cfg.image_size}: {type(model).__name__} cannot run on "
+                          f"{cfg.image_size} px images ({error}); use its own size (null) or a tower that "
+                          f"interpolates its position embeddings (DINOv2)") from error
+
+
+def resize_processor(processor, side: int) -> None:
+    """Make `processor` hand the model `side` x `side` images: shorter side to `side`, centre crop."""
+    if side < 1:
+        raise ConfigError(f"model.vision.image_size={side} must be a positive number of pixels")
+    processor.size = {"shortest_edge": side}
+    processor.crop_size = {"height": side, "width": side}
+    processor.do_center_crop = True

@@ -97,10 +97,12 @@ def probe(stage: Stage) -> StageState:
     else:
         status = "not started"
     changes: list[str] = []
-    if record is not None and record.get("status") == "done" and record.get("config_hash") != stage.config_hash:
-        changes = _config_changes(stage) or ["(the stored stage_config.yaml is gone; the config hash differs)"]
-    elif status != "not started" and stage.config_file.is_file():
+    if stage.config_file.is_file() and status != "not started":
+        # Compared key by key rather than by the recorded hash: a stored config that only lacks keys
+        # added to the schema since (read back with their defaults) still describes the same stage.
         changes = _config_changes(stage)
+    elif record is not None and record.get("status") == "done" and record.get("config_hash") != stage.config_hash:
+        changes = [f"(the stored {stage.config_file.name} is gone; the config hash differs)"]
     return StageState(status=status, record=record, step=step, changes=changes)
 
 

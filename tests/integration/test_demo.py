@@ -1,5 +1,5 @@
 """The demo on the real assets: a frozen SmolLM2-135M learns to caption real photos through a
-pretrained MobileNetV2, and the picture really helps (a shortened `configs/demo.yaml`)."""
+pretrained DINOv2-S ViT, and the picture really helps (a shortened `configs/demo.yaml`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
-DEMO_ASSETS = ("tuxpaint", "mobilenetv2", "smollm2-135m")
+DEMO_ASSETS = ("tuxpaint", "dinov2-small", "smollm2-135m")
 
 
 def test_demo_learns_to_use_the_image(tmp_path):

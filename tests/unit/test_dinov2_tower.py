@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from mmtrain.assets.dinov2 import image_processor
+from mmtrain.config.errors import ConfigError
 from mmtrain.config.schema import ModelConfig, VisionConfig
 from mmtrain.methods.mma.config import AdapterConfig
 from mmtrain.methods.mma.method import attach_vision_adapters
@@ -62,3 +63,37 @@ def test_mma_adapters_and_top_blocks_train(tiny_dinov2):
     apply_trainability(model, cfg)
     trained = {n for n, p in model.vision.named_parameters() if p.requires_grad}
     assert trained and all(n.startswith("model.encoder.layer.2.") for n in trained)
+
+
+def test_image_size_overrides_the_processor(tiny_dinov2):
+    tower = build_vision_tower(VisionConfig(name_or_path=str(tiny_dinov2), image_size=56), "sdpa")
+    assert tower.image_shape == (3, 56, 56) and tower.num_tokens == 16  # 4 x 4 patches, CLS dropped
+    pixels = tower.image_transform(Image.new("RGB", (64, 48), (0, 90, 200)))
+    assert pixels.shape == (3, 56, 56)
+    assert tower(pixels[None]).shape == (1, 16, 32)
+    lavin = build_vision_tower(VisionConfig(name_or_path=str(tiny_dinov2), image_size=56, cls_every=1), "sdpa")
+    assert lavin(pixels[None]).shape == (1, 3, 32)  # the CLS token after each of the 3 blocks
+
+
+def test_image_size_on_a_tower_that_cannot_resize_names_the_key(tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                     image_size=32, patch_size=8)).save_pretrained(tmp_path)
+    image_processor().save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"model\.vision\.image_size=48: CLIPVisionModel cannot run on 48 px"):
+        build_vision_tower(VisionConfig(name_or_path=str(tmp_path), image_size=48), "sdpa")
+
+
+def test_counting_on_meta_runs_the_tower_at_the_processor_size(tiny_dinov2):
+    """`mmtrain count` and the benchmarks build the model from config files only: the tower must still
+    run at its processor's 42 px (3 x 3 tokens), not its config's 70 px, or token-dependent parts
+    (a spatial merge, the token count) differ from the trained model's."""
+    from mmtrain.models.counting import config_only
+
+    cfg = ModelConfig(vision=VisionConfig(name_or_path=str(tiny_dinov2)))
+    with torch.device("meta"):
+        tower = build_vision_tower(config_only(cfg).vision, "sdpa")
+    assert tower.image_shape == (3, 42, 42) and tower.num_tokens == 9
+    resized = ModelConfig(vision=VisionConfig(name_or_path=str(tiny_dinov2), image_size=56))
+    assert config_only(resized).vision.image_size == 56

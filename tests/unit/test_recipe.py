@@ -293,6 +293,23 @@ def test_changed_config_of_a_completed_stage_is_refused(tmp_path, capsys):
     assert not probe(load_recipe(path, ["align.progress_bar=false"]).stage("align")).stale
 
 
+def test_a_completed_stage_whose_stored_config_lacks_a_newer_key_is_not_stale(tmp_path):
+    """A stage finished before the schema gained a (defaulted) key still counts as done and unchanged."""
+    path = write_recipe(tmp_path, TWO_STAGES)
+    align = load_recipe(path).stage("align")
+    fake_done(align)
+    stored = yaml.safe_load(align.config_file.read_text())
+    del stored["model"]["resampler"]["spatial_merge"]  # as written by a version without that key
+    align.config_file.write_text(yaml.safe_dump(stored))
+    record = json.loads((align.folder / "stage.json").read_text())
+    atomic_write_json(align.folder / "stage.json", {**record, "config_hash": "0123456789abcdef"})
+    state = probe(load_recipe(path).stage("align"))
+    assert state.done and not state.stale and state.changes == []
+    (align.config_file).unlink()  # without the stored config, the recorded hash decides
+    state = probe(load_recipe(path).stage("align"))
+    assert state.stale and "stage_config.yaml is gone" in state.changes[0]
+
+
 def test_changed_config_of_an_interrupted_stage_with_checkpoints_is_refused(tmp_path):
     path = write_recipe(tmp_path, TWO_STAGES)
     align = load_recipe(path).stage("align")
