@@ -28,7 +28,7 @@ import json
 from pathlib import Path
 
 from mmtrain.assets import openclipart, scratch_media, tuxpaint
-from mmtrain.assets.common import Asset, AssetError, asset_dir, is_complete, sha256_file, write_jsonl
+from mmtrain.assets.common import Asset, AssetError, prepared_source_dir, sha256_file, write_jsonl
 from mmtrain.assets.splits import SPLITS, write_json
 
 SOURCES: dict[str, Asset] = {asset.name: asset
@@ -37,19 +37,6 @@ SOURCES: dict[str, Asset] = {asset.name: asset
 HELD_OUT_BY = {"train": ("val", "test"), "val": ("test",), "test": ()}
 """Which splits' pictures a split may not share."""
 DROP_REASONS = {"train": "same_as_heldout", "val": "same_as_test"}
-
-
-def source_dir(name: str) -> Path:
-    """The prepared folder of source asset `name`.
-
-    Raises:
-        AssetError: The source is not prepared (or was prepared by an older layout).
-    """
-    asset = SOURCES[name]
-    if not is_complete(asset):
-        raise AssetError(f"the captions-mix set is made from the prepared `{name}` asset, which is not in "
-                         f"{asset_dir(asset)}; prepare `{name}` first (`mmtrain assets prepare {name}`)")
-    return asset_dir(asset)
 
 
 def read_records(manifest: Path, source: str) -> list[dict]:
@@ -127,7 +114,8 @@ def mix(manifests: dict[str, dict[str, Path]]) -> tuple[dict[str, list[dict]], d
 
 def build(staging: Path) -> None:
     """Writes the mixed manifests and info file into `staging`."""
-    manifests = {name: {split: source_dir(name) / f"{split}.jsonl" for split in SPLITS} for name in SOURCES}
+    folders = {name: prepared_source_dir(asset, "captions-mix") for name, asset in SOURCES.items()}
+    manifests = {name: {split: folders[name] / f"{split}.jsonl" for split in SPLITS} for name in SOURCES}
     kept, dropped = mix(manifests)
     for split in SPLITS:
         write_jsonl(staging / f"{split}.jsonl", kept[split])

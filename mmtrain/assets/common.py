@@ -70,6 +70,18 @@ def is_complete(asset: Asset) -> bool:
         return False
 
 
+def prepared_source_dir(asset: Asset, made_by: str) -> Path:
+    """The folder of `asset`, prepared, that the asset `made_by` is made from.
+
+    Raises:
+        AssetError: The source is not prepared (or was prepared by an older layout); says what to run.
+    """
+    if not is_complete(asset):
+        raise AssetError(f"the {made_by} set is made from the prepared `{asset.name}` asset, which is not in "
+                         f"{asset_dir(asset)}; prepare `{asset.name}` first (`mmtrain assets prepare {asset.name}`)")
+    return asset_dir(asset)
+
+
 def install(asset: Asset) -> Path:
     """Build `asset` in a staging folder and rename it into place; returns the final folder."""
     final = asset_dir(asset)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmtrain.assets import kgeography, tuxpaint
-from mmtrain.assets.common import Asset, AssetError, asset_dir, is_complete, sha256_file, write_jsonl
+from mmtrain.assets.common import Asset, AssetError, prepared_source_dir, sha256_file, write_jsonl
 from mmtrain.assets.splits import SPLITS, count_by, write_json
 from mmtrain.data.errors import ManifestError
 from mmtrain.data.manifest import read_manifest
@@ -141,19 +141,6 @@ def make_questions(kind: QuestionKind, facts: list[Fact], seed: int, split: str)
     return records
 
 
-def source_dir(name: str) -> Path:
-    """The prepared folder of source asset `name`.
-
-    Raises:
-        AssetError: The source is not prepared (or was prepared by an older layout).
-    """
-    asset = SOURCES[name]
-    if not is_complete(asset):
-        raise AssetError(f"the mcqa set is made from the prepared `{name}` asset, which is not in "
-                         f"{asset_dir(asset)}; prepare `{name}` first (`mmtrain assets prepare {name}`)")
-    return asset_dir(asset)
-
-
 def build(staging: Path) -> None:
     """Writes the multiple-choice manifests and info file into `staging`."""
     sources: dict[str, dict[str, str]] = {}
@@ -162,7 +149,7 @@ def build(staging: Path) -> None:
     for split in SPLITS:
         records = []
         for kind in KINDS:
-            manifest = source_dir(kind.source) / kind.manifest.format(split=split)
+            manifest = prepared_source_dir(SOURCES[kind.source], "mcqa") / kind.manifest.format(split=split)
             sources.setdefault(kind.source, {})[manifest.name] = sha256_file(manifest)
             records += make_questions(kind, read_facts(manifest), SEED, split)
         write_jsonl(staging / f"{split}.jsonl", records)

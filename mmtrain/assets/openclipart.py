@@ -78,8 +78,8 @@ from xml.etree import ElementTree
 
 from PIL import Image
 
-from mmtrain.assets.common import Asset, AssetError, apt_install, debian_package_version, write_jsonl
-from mmtrain.assets.splits import DEFAULT_FRACTIONS, SPLITS, count_by, split_by_caption, write_json
+from mmtrain.assets.common import Asset, AssetError, apt_install, debian_package_version
+from mmtrain.assets.splits import split_by_caption, write_caption_splits, write_json
 from mmtrain.data.images import ImageLoadError, load_image
 
 T = TypeVar("T")
@@ -526,20 +526,15 @@ def build(staging: Path) -> None:
     if not drawings:
         raise AssetError(f"no captioned drawings found under {PNG_DIR}")
     splits = split_by_caption(drawings, seed=SEED)
-    for name in SPLITS:
-        write_jsonl(staging / f"{name}.jsonl", ({"id": d.id, "image": str(d.image), "text": d.caption,
-                                                 "category": d.category} for d in splits[name]))
+    summary = write_caption_splits(staging, drawings, splits, image=lambda d: str(d.image))
     write_json(staging / "info.json", {
         "packages": {package: debian_package_version(package) for package in (PNG_PACKAGE, SVG_PACKAGE,
                                                                               WORDS_PACKAGE)},
-        "source": str(PNG_DIR), "seed": SEED, "fractions": list(DEFAULT_FRACTIONS),
+        "source": str(PNG_DIR), "seed": SEED,
         "limits": {"max_side": MAX_SIDE, "min_side": MIN_SIDE, "series_min": SERIES_MIN,
                    "max_caption_words": MAX_CAPTION_WORDS,
                    "max_per_caption": MAX_PER_CAPTION, "blank_fraction": BLANK_FRACTION},
-        "counts": {name: len(splits[name]) for name in SPLITS},
-        "categories": {name: count_by(d.category for d in splits[name]) for name in SPLITS},
-        "distinct_captions": len({d.caption for d in drawings}),
-        "skipped": skipped,
+        **summary, "skipped": skipped,
     })
 
 

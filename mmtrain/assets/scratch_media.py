@@ -46,8 +46,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from mmtrain.assets.common import Asset, AssetError, scratch_dir, write_jsonl
-from mmtrain.assets.splits import DEFAULT_FRACTIONS, SPLITS, count_by, split_by_caption, write_json
+from mmtrain.assets.common import Asset, AssetError, scratch_dir
+from mmtrain.assets.splits import split_by_caption, write_caption_splits, write_json
 
 PACKAGE = "scratch"
 MEDIA_DIR = Path("usr/share/scratch/Media")
@@ -316,17 +316,11 @@ def build(staging: Path) -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(picture.source, target)
     splits = split_by_caption(pictures, seed=SEED)
-    for name in SPLITS:
-        write_jsonl(staging / f"{name}.jsonl", (
-            {"id": p.id, "image": (Path(IMAGES_DIR) / p.relative).as_posix(), "text": p.caption,
-             "category": p.category} for p in splits[name]))
+    summary = write_caption_splits(staging, pictures, splits,
+                                   image=lambda p: (Path(IMAGES_DIR) / p.relative).as_posix())
     write_json(staging / "info.json", {
         "package": PACKAGE, "package_version": version, "source": f"/{MEDIA_DIR}",
-        "seed": SEED, "fractions": list(DEFAULT_FRACTIONS),
-        "counts": {name: len(splits[name]) for name in SPLITS},
-        "categories": {name: count_by(p.category for p in splits[name]) for name in SPLITS},
-        "distinct_captions": len({p.caption for p in pictures}),
-        "skipped": skipped,
+        "seed": SEED, **summary, "skipped": skipped,
     })
 
 

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mmtrain.assets.common import write_jsonl
+
 T = TypeVar("T")
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -79,6 +81,20 @@ def split_by_caption(records: Iterable[T], seed: int = 0) -> dict[str, list[T]]:
     groups = split_items(by_caption.values(), key=lambda group: group[0].caption, seed=seed,
                          stratify=lambda group: group[0].category)
     return {name: sorted((r for group in groups[name] for r in group), key=lambda r: r.id) for name in SPLITS}
+
+
+def write_caption_splits(staging: Path, records: Sequence[T], splits: dict[str, list[T]],
+                         image: Callable[[T], str]) -> dict[str, Any]:
+    """Writes `{train,val,test}.jsonl` caption records (`id`, `image`, `text`, `category`) into
+    `staging`, and returns what every captioning asset's `info.json` says of them: the split seed's
+    fractions, counts and categories per split, and how many distinct captions `records` have."""
+    for name in SPLITS:
+        write_jsonl(staging / f"{name}.jsonl", ({"id": r.id, "image": image(r), "text": r.caption,
+                                                 "category": r.category} for r in splits[name]))
+    return {"fractions": list(DEFAULT_FRACTIONS),
+            "counts": {name: len(splits[name]) for name in SPLITS},
+            "categories": {name: count_by(r.category for r in splits[name]) for name in SPLITS},
+            "distinct_captions": len({r.caption for r in records})}
 
 
 def _checked_fractions(fractions: Sequence[float]) -> tuple[float, ...]:

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from mmtrain.assets.common import Asset, AssetError, apt_install, debian_package_version, write_jsonl
-from mmtrain.assets.splits import DEFAULT_FRACTIONS, SPLITS, count_by, split_by_caption, write_json
+from mmtrain.assets.common import Asset, AssetError, apt_install, debian_package_version
+from mmtrain.assets.splits import split_by_caption, write_caption_splits, write_json
 
 PACKAGE = "tuxpaint-stamps-default"
 STAMPS_DIR = Path("/usr/share/tuxpaint/stamps")
@@ -103,16 +103,10 @@ def build(staging: Path) -> None:
     if not stamps:
         raise AssetError(f"no captioned raster stamps found under {STAMPS_DIR}")
     splits = split_by_caption(stamps, seed=SEED)
-    for name in SPLITS:
-        write_jsonl(staging / f"{name}.jsonl", ({"id": s.id, "image": str(s.image), "text": s.caption,
-                                                 "category": s.category} for s in splits[name]))
+    summary = write_caption_splits(staging, stamps, splits, image=lambda s: str(s.image))
     write_json(staging / "info.json", {
         "package": PACKAGE, "package_version": debian_package_version(PACKAGE), "source": str(STAMPS_DIR),
-        "seed": SEED, "fractions": list(DEFAULT_FRACTIONS),
-        "counts": {name: len(splits[name]) for name in SPLITS},
-        "categories": {name: count_by(s.category for s in splits[name]) for name in SPLITS},
-        "distinct_captions": len({s.caption for s in stamps}),
-        "skipped": skipped,
+        "seed": SEED, **summary, "skipped": skipped,
     })
 
 
