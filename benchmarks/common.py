@@ -126,3 +126,26 @@ def run_mmtrain(args: list[str]) -> None:
     proc = subprocess.run([sys.executable, "-m", "mmtrain", *args], cwd=REPO, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"mmtrain {' '.join(args)} failed ({proc.returncode})")
+
+
+def train_arm(cfg: dict[str, Any], folder: Path, timeout: int = 3600) -> tuple[list[dict[str, Any]], str]:
+    """Train one benchmark arm (`python -m mmtrain.train`) unless `folder` already holds its finished run
+    (benchmarks resume arm by arm); returns its training records and, when it ran, its log."""
+    import os
+    import subprocess
+    import sys
+
+    metrics = Path(folder) / "run" / "metrics.jsonl"
+    done = Path(folder) / "done"
+    if not done.is_file():
+        cfg = {**cfg, "output_dir": str(Path(folder) / "run")}
+        config = write_yaml(cfg, Path(folder) / "config.yaml")
+        print(f"==> train {config}", flush=True)
+        proc = subprocess.run([sys.executable, "-m", "mmtrain.train", str(config)], cwd=REPO, capture_output=True,
+                              text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=timeout)
+        (Path(folder) / "train.log").write_text(proc.stdout + proc.stderr)
+        if proc.returncode != 0:
+            raise SystemExit(f"arm {folder} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        done.write_text("")
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return [r for r in records if "loss" in r], (Path(folder) / "train.log").read_text()

@@ -113,7 +113,11 @@ def value_problems(cfg: RunConfig) -> list[str]:
         problems.append(f"`model.resampler.spatial_merge` = {cfg.model.resampler.spatial_merge} applies to "
                         f"`kind: mlp` only, not {cfg.model.resampler.kind!r}; set it to 1 or use the MLP resampler")
     at_least("data.max_length", cfg.data.max_length, 1, " (tokens per sample, image tokens included)")
-    at_least("data.num_workers", cfg.data.num_workers, 0, " (0 = load in the training process)")
+    if cfg.data.num_workers != "auto":
+        at_least("data.num_workers", cfg.data.num_workers, 0, " (0 = load in the training process, or auto)")
+    if cfg.data.packing and cfg.data.group_by != "none":
+        problems.append(f"`data.group_by` = {cfg.data.group_by!r} does not apply with `data.packing: true` "
+                        "(rows are filled in shuffled order); set data.group_by: none or data.packing: false")
     at_least("data.train_samples", cfg.data.train_samples, 1, " (or null: every sample)", optional=True)
     at_least("data.val_samples", cfg.data.val_samples, 1, " (or null: every sample)", optional=True)
     for component, factor in optim.lr_multipliers.items():

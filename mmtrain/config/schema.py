@@ -134,7 +134,20 @@ class DataConfig:
     no_image_text: str | None = None
     """Text that stands where the image would for text-only samples (LaVIN: "Image: N/A\n")."""
     shuffle: bool = True
-    num_workers: int = 0
+    num_workers: int | Literal["auto"] = 0
+    """DataLoader worker processes (0 = load in the training process). `auto`: on a GPU machine,
+    up to 4 per rank with pinned memory, leaving a core to each rank; inline on CPU machines, where
+    the ranks use every core. Workers persist across epochs."""
+    packing: bool = False
+    """Pack samples (with their visual tokens) into rows of up to `max_length` positions; attention
+    never crosses a sample. `micro_batch_size` then counts rows."""
+    group_by: Literal["none", "length", "modality"] = "none"
+    """Batches of similar length (`length`), or of one modality with similar lengths (`modality`:
+    image or text-only); deterministic in (seed, epoch, world size). Not with `packing`."""
+    feature_cache: str | None = None
+    """Folder of cached frozen-tower outputs, shared by runs, stages and arms over the same images and
+    tower: computed once (sharded across ranks), read back memory-mapped; needs a frozen tower
+    (or frozen bottom blocks, with `model.vision.trainable_top_k`)."""
 
 
 @dataclass

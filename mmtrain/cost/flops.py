@@ -143,6 +143,9 @@ def step_flops_model(model: nn.Module, sequence_length: int, gradient_checkpoint
     if forward["llm"] == 0:  # e.g. bitsandbytes' quantised matmuls are custom kernels the counter skips
         forward["llm"] = 2.0 * _matmul_parameters(model.llm)
         notes.append("the counter saw no LLM FLOPs (quantised kernels?): 2 x non-embedding parameters per token")
+    if getattr(model, "reads_cached_features", False) and getattr(model, "cached_from_block", None) is None:
+        forward["vision"] = 0.0
+        notes.append("the frozen tower's outputs come from a feature cache: no tower FLOPs in the steps")
     return StepFlops(forward=forward, multipliers=pass_multipliers(model, gradient_checkpointing),
                      measured_sequence=int(sequence_length), notes=notes)
 

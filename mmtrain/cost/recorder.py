@@ -84,9 +84,12 @@ class CostRecorder:
         pass
 
     def _count_flops(self, batch) -> StepFlops | bool:
-        """The FLOPs model of this VLM at the first batch's mean sequence length (collective under ZeRO-3)."""
+        """The FLOPs model of this VLM at the first batch's mean sample length (collective under ZeRO-3).
+
+        Per sample, not per row: a packed row holds several samples (`has_image` has one entry each).
+        """
         engine = self._engine
-        length = int(batch["attention_mask"].sum()) // max(int(batch["input_ids"].shape[0]), 1)
+        length = int(batch["attention_mask"].sum()) // max(int(batch["has_image"].shape[0]), 1)
         engine.eval()  # no dropout draws, no BatchNorm statistics updated: training is unaffected
         try:
             flops = step_flops_model(engine.module, length, self._gradient_checkpointing, device=engine.device)

@@ -106,6 +106,22 @@ class VLMDataset(Dataset[dict[str, Any]]):
         self.skip_log = Path(skip_log) if skip_log is not None else None
         self.skipped = 0
         self._known_bad: set[int] = set()
+        self.features: Any = None  # a FeatureStore once `use_features` is called
+        self.feature_keys: list[str | None] = []
+        self.feature_shape: tuple[int, ...] = ()
+        self.feature_dtype = torch.float32
+
+    def use_features(self, store: Any, keys: list[str | None], shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """Serve the frozen tower's cached outputs (``image_features`` [T, D]) instead of decoding images.
+
+        Args:
+            store: a FeatureStore holding every image of this dataset.
+            keys: each sample's image key in the store (None for text-only samples).
+            shape, dtype: of one image's features (text-only samples get zeros of them).
+        """
+        if len(keys) != len(self.samples):
+            raise ValueError(f"{len(keys)} feature keys for {len(self.samples)} samples")
+        self.features, self.feature_keys, self.feature_shape, self.feature_dtype = store, keys, tuple(shape), dtype
 
     @classmethod
     def for_model(cls, manifest: str | Path | list[str | Path], model: Any, tokenizer: TokenizerLike, data_cfg: Any,
@@ -130,6 +146,16 @@ class VLMDataset(Dataset[dict[str, Any]]):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def token_lengths(self) -> list[int]:
+        """Every sample's encoded length in tokens (image tokens included), without loading images:
+        what grouping by length and packing plan with."""
+        return [len(self.template.encode(sample, self.tokenizer, self.num_image_tokens,
+                                         no_image_text=self.no_image_text)) for sample in self.samples]
+
+    def image_flags(self) -> list[bool]:
+        """Whether each sample has an image (grouping by modality)."""
+        return [sample.image is not None for sample in self.samples]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """Loads sample ``index``, or under the skip policy the next usable one.
@@ -168,27 +194,47 @@ class VLMDataset(Dataset[dict[str, Any]]):
         encoded = self.template.encode(sample, self.tokenizer, self.num_image_tokens,
                                        no_image_text=self.no_image_text)
         self._check_length(sample, encoded)
-        if sample.image is None:
-            pixel_values = torch.zeros(self.image_shape, dtype=torch.float32)
+        if self.features is not None:
+            image = {"image_features": self._cached_features(index)}
+        elif sample.image is None:
+            image = {"pixel_values": torch.zeros(self.image_shape, dtype=torch.float32)}
         else:
-            try:
-                image = load_image(sample.image)
-            except ImageLoadError as error:
-                raise BadSampleError(sample.manifest, sample.line, error.reason) from None
-            pixel_values = self.image_transform(image)
+            pixel_values = self.image_transform(self.load_picture(index))
             if tuple(pixel_values.shape) != self.image_shape:
                 raise RuntimeError(
                     f"the image transform returned shape {tuple(pixel_values.shape)}, "
                     f"expected {self.image_shape}"
                 )
-            pixel_values = pixel_values.to(torch.float32)
+            image = {"pixel_values": pixel_values.to(torch.float32)}
         return {
             "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
             "labels": torch.tensor(encoded.labels, dtype=torch.long),
             "image_mask": torch.tensor(encoded.image_mask, dtype=torch.bool),
-            "pixel_values": pixel_values,
+            **image,
             "has_image": sample.image is not None,
         }
+
+    def load_picture(self, index: int) -> Image.Image:
+        """Sample ``index``'s image, decoded.
+
+        Raises:
+            BadSampleError: The image cannot be loaded.
+        """
+        sample = self.samples[index]
+        try:
+            return load_image(sample.image)
+        except ImageLoadError as error:
+            raise BadSampleError(sample.manifest, sample.line, error.reason) from None
+
+    def _cached_features(self, index: int) -> torch.Tensor:
+        sample = self.samples[index]
+        if sample.image is None:
+            return torch.zeros(self.feature_shape, dtype=self.feature_dtype)
+        key = self.feature_keys[index]
+        if key is None:
+            raise BadSampleError(sample.manifest, sample.line, "its image could not be loaded when the feature "
+                                 "cache was built")
+        return self.features.get(key)
 
     def _check_length(self, sample: Sample, encoded: Encoded) -> None:
         if len(encoded) > self.max_length:

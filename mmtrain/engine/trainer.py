@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import mmtrain
 from mmtrain.config import RunConfig, dump_config, to_dict
 from mmtrain.config.errors import ConfigError
 from mmtrain.config.paths import RunDir
-from mmtrain.data import Collator, StepSampler, VLMDataset
+from mmtrain.data import Collator, VLMDataset
 from mmtrain.engine.accelerator import on_cpu
 from mmtrain.engine.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from mmtrain.engine.evaluate import validation_loss
@@ -45,6 +44,8 @@ from mmtrain.engine.events import (
 )
 from mmtrain.engine.metrics import MetricsLog, local_parameter_report, peak_memory
 from mmtrain.engine.optim import build_optimizer_args, build_param_groups, lr_factor, scheduler_factory
+from mmtrain.engine.feature_cache import prepare_feature_cache
+from mmtrain.engine.loader import build_loader, build_sampler, check_packing_support
 from mmtrain.engine.placement import build_placed_vlm, plan
 from mmtrain.engine.preemption import StopRequest
 from mmtrain.engine.tensorboard import TensorBoardSink
@@ -115,6 +116,10 @@ class Trainer:
         self.engine, self.optimizer, self.scheduler = (self.placement.engine, self.placement.optimizer,
                                                        self.placement.scheduler)
         self.model = self.engine.module
+        if cfg.data.feature_cache:
+            datasets = [self.dataset] + ([self.val_dataset] if self.val_dataset is not None else [])
+            prepare_feature_cache(cfg.data.feature_cache, self.model, cfg.model.vision, datasets,
+                                  cfg.micro_batch_size, self.engine.device)
         self.start_step = 0
         self.samples_seen = 0
         self.tokens_seen = 0
@@ -144,16 +149,17 @@ class Trainer:
             return VLMDataset.for_model(manifest, model, self.tokenizer, cfg.data, self.run_dir.skipped,
                                         subset=subset, seed=cfg.seed)
 
+        if cfg.data.packing:
+            check_packing_support(model)
         self.val_dataset = dataset_for(cfg.data.val, cfg.data.val_samples) if cfg.data.val else None
-        return dataset_for(cfg.data.train, cfg.data.train_samples), Collator(self.tokenizer.pad_token_id)
+        return dataset_for(cfg.data.train, cfg.data.train_samples), Collator(self.tokenizer.pad_token_id,
+                                                                             packing=cfg.data.packing)
 
     def _loader(self, start_batch: int):
         cfg = self.cfg
-        sampler = StepSampler(len(self.dataset), cfg.micro_batch_size, self.rank, self.world_size, cfg.seed,
-                              shuffle=cfg.data.shuffle, start_batch=start_batch)
-        self.sampler = sampler
-        return DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collator,
-                          num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
+        self.sampler = build_sampler(self.dataset, cfg.data, cfg.micro_batch_size, self.rank, self.world_size,
+                                     cfg.seed, start_batch)
+        return build_loader(self.dataset, self.sampler, self.collator, cfg.data, on_gpu=not on_cpu())
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
@@ -195,13 +201,15 @@ class Trainer:
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             tokens = 0
+            positions = 0
             samples = 0
             images = 0
             lrs_used = self._group_lrs() if (step + 1) % cfg.log_every == 0 or step + 1 == end else None
             for micro in range(gas):
                 batch = next(batches)
                 tokens += int(batch["attention_mask"].sum())  # counted on the host copy: no device sync
-                samples += int(batch["input_ids"].shape[0])
+                positions += batch["attention_mask"].numel()
+                samples += int(batch["has_image"].shape[0])
                 images += int(batch["has_image"].sum())
                 if first_batch:
                     self.events.emit(FirstBatch(batch=batch))
@@ -217,7 +225,8 @@ class Trainer:
             # It also carries the stop flag, so every rank stops after the same step.
             totals = torch.stack([loss_sum, loss_sum.new_tensor(float(tokens)), loss_sum.new_tensor(float(samples)),
                                   loss_sum.new_tensor(float(images)),
-                                  loss_sum.new_tensor(1.0 if self.stop_request.requested else 0.0)])
+                                  loss_sum.new_tensor(1.0 if self.stop_request.requested else 0.0),
+                                  loss_sum.new_tensor(float(positions))])
             dist.all_reduce(totals)
             totals = totals.cpu()
             step_time = time.perf_counter() - t0
@@ -232,6 +241,7 @@ class Trainer:
                     "loss": float(totals[0]) / (gas * self.world_size),
                     "lr": cfg.optim.lr * lr_factor(step - 1, cfg.optim, cfg.max_steps),
                     "tokens_per_s": float(totals[1]) / step_time,
+                    "padding_fraction": 1.0 - float(totals[1]) / float(totals[5]),
                     "step_time_s": step_time,
                     "samples": self.samples_seen,
                     "tokens": self.tokens_seen,

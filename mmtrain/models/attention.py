@@ -30,3 +30,23 @@ def resolve_attn_implementation(requested: str) -> str:
             "PyTorch scaled-dot-product attention"
         )
     return requested
+
+
+def packed_attention_inputs(position_ids: torch.Tensor, attention_mask: torch.Tensor, implementation: str,
+                            dtype: torch.dtype) -> dict[str, torch.Tensor | None]:
+    """Attention inputs that keep packed samples apart (each sample's positions restart at 0).
+
+    flash-attn reads the sample boundaries from the position ids (varlen kernels, no mask); every
+    other implementation gets an additive block-diagonal causal mask [R, 1, T, T]. A padding
+    position sees itself, so no row of the mask is empty (NaN).
+    """
+    if implementation == "flash_attention_2":
+        return {"attention_mask": None, "position_ids": position_ids}
+    sample = (position_ids == 0).long().cumsum(dim=1)
+    length = position_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
+    allowed = (sample.unsqueeze(2) == sample.unsqueeze(1)) & causal & attention_mask.bool().unsqueeze(1)
+    allowed |= torch.eye(length, dtype=torch.bool, device=position_ids.device)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return {"attention_mask": mask.unsqueeze(1), "position_ids": position_ids}

@@ -19,6 +19,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mmtrain.config.schema import LLMConfig
+from mmtrain.models.attention import packed_attention_inputs
 from mmtrain.models.language_model import IGNORE_INDEX, LanguageModel
 from mmtrain.models.quantization import keep_cpu_layout, quantization_kwargs
 from mmtrain.models.seq2seq import build_seq2seq_llm
@@ -50,8 +51,19 @@ class CausalLM(LanguageModel):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
 
-    def _inputs(self, inputs_embeds, attention_mask, labels, has_image) -> tuple[dict, torch.Tensor | None]:
-        """Model keyword arguments (the modality token prepended when there is one) and the labels."""
+    def _inputs(self, inputs_embeds, attention_mask, labels, has_image,
+                position_ids=None) -> tuple[dict, torch.Tensor | None]:
+        """Model keyword arguments (the modality token prepended when there is one) and the labels.
+
+        `position_ids` mark packed rows (restarting at 0 at every sample): the samples are kept apart.
+        """
+        if position_ids is not None:
+            if self.modality is not None:
+                raise ValueError("packed rows (position_ids) cannot keep samples apart around an MMA modality "
+                                 "token: it is one per row, not per sample")
+            implementation = self.model.config._attn_implementation
+            return {"inputs_embeds": inputs_embeds,
+                    **packed_attention_inputs(position_ids, attention_mask, implementation, inputs_embeds.dtype)}, labels
         if self.modality is None:
             return {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask}, labels
         if has_image is None:  # the LLM used on its own (text perplexity): text-only inputs
@@ -59,8 +71,8 @@ class CausalLM(LanguageModel):
         embeds, mask, positions, labels = self.modality.prepend(inputs_embeds, attention_mask, has_image, labels)
         return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}, labels
 
-    def forward(self, inputs_embeds, attention_mask, labels=None, has_image=None):
-        inputs, labels = self._inputs(inputs_embeds, attention_mask, labels, has_image)
+    def forward(self, inputs_embeds, attention_mask, labels=None, has_image=None, position_ids=None):
+        inputs, labels = self._inputs(inputs_embeds, attention_mask, labels, has_image, position_ids)
         if labels is None or not self.target_only_loss:
             return self.model(**inputs, labels=labels, use_cache=False)
         hidden = self.model.get_decoder()(**inputs, use_cache=False).last_hidden_state

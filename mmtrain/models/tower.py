@@ -40,3 +40,15 @@ class VisionTower(nn.Module):
     def blocks(self) -> list[nn.Module]:
         """The tower's sequential blocks, bottom to top (for `trainable_top_k`)."""
         raise NotImplementedError
+
+    def bottom(self, pixel_values: torch.Tensor, start: int) -> torch.Tensor:
+        """The input of block `start` (what a feature cache keeps when the blocks from `start` on train)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot split its forward at a block")
+
+    def top(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        """`forward`'s features, from the input of block `start` (`bottom`'s output)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot split its forward at a block")
+
+    def feature_block(self) -> int:
+        """How many blocks the features have passed through (the blocks after them are unused)."""
+        return len(self.blocks())

@@ -76,6 +76,25 @@ class HFVisionTower(VisionTower):
     def image_transform(self, image) -> torch.Tensor:
         return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
 
+    def feature_block(self) -> int:
+        """The hidden state the features are (hidden state i = the output of block i; 0 = embeddings)."""
+        depth = len(self.blocks())
+        return depth if self.cls_every else self.feature_layer % (depth + 1)
+
+    def bottom(self, pixel_values: torch.Tensor, start: int) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values, output_hidden_states=True).hidden_states[start]
+
+    def top(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        if self.cls_every:
+            raise NotImplementedError("model.vision.cls_every picks CLS tokens from every few blocks: the tower "
+                                      "cannot resume from a cached block input")
+        for block in self.blocks()[start:self.feature_block()]:
+            out = block(hidden, None)
+            hidden = out[0] if isinstance(out, tuple) else out
+        if self._has_cls and self._drop_cls:
+            hidden = hidden[:, 1:]
+        return hidden
+
     def blocks(self) -> list[nn.Module]:
         depth = getattr(self.model.config, "num_hidden_layers", None)
         for module in self.model.modules():

@@ -27,6 +27,10 @@ class VisionLanguageModel(nn.Module):
         self.llm = llm
         self.num_image_tokens = resampler.num_output_tokens(vision.num_tokens) + getattr(projector, "extra_tokens", 0)
         self.keep_llm_in_train_mode = False
+        # Set by a feature cache: training batches carry `image_features`, which enter the tower at
+        # `cached_from_block` (None: they are its output; k: the input of block k, the blocks from k on train).
+        self.reads_cached_features = False
+        self.cached_from_block: int | None = None
 
     def components(self) -> dict[str, nn.Module]:
         return {name: getattr(self, name) for name in COMPONENTS}
@@ -44,14 +48,20 @@ class VisionLanguageModel(nn.Module):
                     module.eval()
         return self
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, pixel_values: torch.Tensor | None, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Pixels [B, C, H, W] -> visual embeddings [B, N, llm_hidden].
 
         A frozen prefix of the pipeline (nothing trainable before or in it) runs under no_grad, so
-        no autograd graph or activations are kept for it.
+        no autograd graph or activations are kept for it. `image_features` [B, T, D] are the frozen
+        tower's outputs read from a feature cache: the tower does not run.
         """
-        x = pixel_values
-        for module in (self.vision, self.resampler, self.projector):
+        if image_features is not None:
+            x, modules = image_features, (self.resampler, self.projector)
+            if self.cached_from_block is not None:
+                x = self.vision.top(x, self.cached_from_block)
+        else:
+            x, modules = pixel_values, (self.vision, self.resampler, self.projector)
+        for module in modules:
             grad = self._has_trainable(module) or x.requires_grad
             with contextlib.nullcontext() if grad else torch.no_grad():
                 x = module(x)
@@ -60,13 +70,17 @@ class VisionLanguageModel(nn.Module):
     def embed_inputs(
         self,
         input_ids: torch.Tensor,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None,
         has_image: torch.Tensor,
         image_mask: torch.Tensor,
+        image_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings [B, T, D] with the visual embeddings written where `image_mask` is set."""
-        param = next(self.vision.parameters())
-        visual = self.encode_images(pixel_values.to(param.dtype))
+        dtype = next(self.vision.parameters()).dtype
+        if image_features is not None:
+            visual = self.encode_images(None, image_features.to(dtype))
+        else:
+            visual = self.encode_images(pixel_values.to(dtype))
         embeds = self.llm.embed(input_ids)
         visual = visual.to(embeds.dtype)
         expected = int(has_image.sum()) * self.num_image_tokens
@@ -88,15 +102,26 @@ class VisionLanguageModel(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        pixel_values: torch.Tensor,
-        has_image: torch.Tensor,
-        image_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        has_image: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
         **_: object,
     ):
-        """Returns the LLM's output (`.loss` when labels are given, `.logits`)."""
-        embeds = self.embed_inputs(input_ids, pixel_values, has_image, image_mask)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **self._modality(has_image))
+        """Returns the LLM's output (`.loss` when labels are given, `.logits`).
+
+        `position_ids` (restarting at 0 at every sample) mark a packed batch: several samples per row,
+        `pixel_values`/`has_image` per sample, in the order the samples appear in the rows.
+        `image_features` (a feature cache's frozen-tower outputs) stand in for `pixel_values`.
+        """
+        if has_image is None or image_mask is None or (pixel_values is None and image_features is None):
+            raise TypeError("the VLM needs has_image, image_mask and pixel_values (or image_features)")
+        embeds = self.embed_inputs(input_ids, pixel_values, has_image, image_mask, image_features)
+        packed = {} if position_ids is None else {"position_ids": position_ids}
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels,
+                        **self._modality(has_image), **packed)
 
     def _modality(self, has_image: torch.Tensor) -> dict[str, torch.Tensor]:
         """`has_image` for an LLM with an MMA modality token (which it selects), else nothing."""

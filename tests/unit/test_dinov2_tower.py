@@ -97,3 +97,17 @@ def test_counting_on_meta_runs_the_tower_at_the_processor_size(tiny_dinov2):
     assert tower.image_shape == (3, 42, 42) and tower.num_tokens == 9
     resized = ModelConfig(vision=VisionConfig(name_or_path=str(tiny_dinov2), image_size=56))
     assert config_only(resized).vision.image_size == 56
+
+
+@pytest.mark.parametrize(("feature_layer", "drop_cls"), [(-1, True), (-2, False), (2, True)])
+def test_a_split_forward_gives_the_towers_features(tiny_dinov2, feature_layer, drop_cls):
+    """What a feature cache keeps for `trainable_top_k` (a block's input) resumes to the same features."""
+    tower = build_vision_tower(VisionConfig(name_or_path=str(tiny_dinov2), feature_layer=feature_layer,
+                                            drop_cls=drop_cls), "sdpa").eval()
+    pixels = torch.rand(2, 3, 42, 42)
+    with torch.no_grad():
+        whole = tower(pixels)
+        for start in range(tower.feature_block() + 1):
+            hidden = tower.bottom(pixels, start)
+            assert hidden.shape == (2, 10, 32)
+            torch.testing.assert_close(tower.top(hidden, start), whole, rtol=0, atol=1e-6)
