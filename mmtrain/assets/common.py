@@ -9,7 +9,6 @@ A finished asset folder holds `asset.json` (name, version, what it came from), w
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ from typing import Callable, Iterable, Iterator
 
 from mmtrain.config.paths import cache_dir
 from mmtrain.errors import UserError
+from mmtrain.utils.io import file_digest
 
 MARKER = "asset.json"
 FIND_LINKS_ENV = "MMTRAIN_FIND_LINKS"
@@ -115,11 +115,7 @@ def _make_readable(folder: Path) -> None:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def verify_sha256(path: Path, expected: str, what: str) -> None:

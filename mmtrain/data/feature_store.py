@@ -11,7 +11,6 @@ index updates merge under a file lock; at worst two jobs compute the same images
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import uuid
@@ -23,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mmtrain.utils.io import atomic_write_json
+from mmtrain.utils.io import atomic_write_json, file_digest
 
 log = logging.getLogger(__name__)
 INDEX_FILE = "index.json"
@@ -32,11 +31,7 @@ FEATURES = "features"
 
 def image_key(path: str | Path) -> str:
     """An image's cache key: the hash of its file's bytes (the same picture under another path is a hit)."""
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path, "blake2b", digest_size=16)
 
 
 class FeatureStore:

@@ -151,19 +151,19 @@ class StepSampler:
             epoch += 1
         return epoch, batch_number
 
-    def _order(self, epoch: int, generator: torch.Generator) -> list[int]:
+    def _order(self, generator: torch.Generator) -> list[int]:
         if self.shuffle:
             return torch.randperm(self.num_samples, generator=generator).tolist()
         return list(range(self.num_samples))
 
-    def _padded_order(self, epoch: int, generator: torch.Generator) -> list[int]:
+    def _padded_order(self, generator: torch.Generator) -> list[int]:
         """The epoch's order wrapped around to a multiple of world_size (modulo covers world_size > num_samples)."""
-        order = self._order(epoch, generator)
+        order = self._order(generator)
         return [order[position % self.num_samples] for position in range(self._per_rank * self.world_size)]
 
     def _rank_indices(self, epoch: int) -> list[int]:
         """This rank's sample indices for one epoch, in order (no grouping, no packing)."""
-        padded = self._padded_order(epoch, torch.Generator().manual_seed(self.seed + epoch))
+        padded = self._padded_order(torch.Generator().manual_seed(self.seed + epoch))
         return padded[self.rank::self.world_size]
 
     def _epoch_batches(self, epoch: int) -> list[Batch]:
@@ -189,15 +189,15 @@ class StepSampler:
         """Global batches of batch_size x world_size samples, each of similar lengths (and one modality)."""
         global_size = self.batch_size * self.world_size
         count = (self._per_rank // self.batch_size) * global_size
-        order = self._padded_order(epoch, generator)[:count]
+        order = self._padded_order(generator)[:count]
         if self.group_by == "length":
             pools = [order]
         else:
             pools = [[i for i in order if self.has_image[i]], [i for i in order if not self.has_image[i]]]
         batches: list[list[int]] = []
         leftovers: list[int] = []
+        chunk = _MEGABATCH * global_size
         for pool in pools:
-            chunk = _MEGABATCH * global_size
             for start in range(0, len(pool), chunk):
                 by_length = sorted(pool[start:start + chunk], key=lambda i: -self.lengths[i])
                 full = len(by_length) - len(by_length) % global_size
@@ -210,7 +210,7 @@ class StepSampler:
 
     def _packed(self, epoch: int, generator: torch.Generator) -> list[list[list[int]]]:
         """Global batches of batch_size x world_size packed rows (lists of sample indices)."""
-        rows = pack_rows(self._order(epoch, generator), self.lengths, self.pack_to)
+        rows = pack_rows(self._order(generator), self.lengths, self.pack_to)
         global_size = self.batch_size * self.world_size
         return [rows[start:start + global_size] for start in range(0, len(rows) - global_size + 1, global_size)]
 

@@ -6,6 +6,7 @@ half-written one, even when the writer is killed mid-write.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -54,3 +55,12 @@ def append_line(path: str | Path, line: str) -> None:
         os.write(fd, data)
     finally:
         os.close(fd)
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256", **options: Any) -> str:
+    """The hex digest of a file's bytes, read in 1 MiB blocks (`options`: e.g. blake2b's digest_size)."""
+    digest = hashlib.new(algorithm, **options)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
