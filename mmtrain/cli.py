@@ -12,6 +12,7 @@ commands:
   train CONFIG.yaml [--set KEY=VALUE ...]   train a VLM (same as python -m mmtrain.train)
   run RECIPE.yaml [options]                 run a pipeline of stages (train + evaluate), resumable
   eval RUN_OR_CHECKPOINT --data MANIFEST    evaluate a trained model (loss, generation, CIDEr, QA accuracy)
+  export RUN_OR_CHECKPOINT --out DIR        write a LLaVA-shaped model as a transformers LLaVA folder
   transfer converter|merge|speedup ...      VPGTrans: word converter, projector merge, speed-up report
   surrogate trajectory|build ...            LLM surrogates: logit-lens trajectory (the cut), streamed build
   params CONFIG.yaml [--set KEY=VALUE ...]  trainable/frozen parameters per component (meta device, no weights)
@@ -50,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         from mmtrain.eval.cli import main as eval_main
 
         return eval_main(rest, prog="mmtrain eval")
+    if command == "export":
+        # dispatch: import only what this command runs
+        from mmtrain.export.cli import main as export_main
+
+        return export_main(rest, prog="mmtrain export")
     if command == "transfer":
         # dispatch: import only what this command runs
         from mmtrain.methods.vpgtrans.cli import main as transfer_main

@@ -1,0 +1,1 @@
+"""Export a trained VLM to formats other tools load (Hugging Face LLaVA)."""
