@@ -247,3 +247,12 @@ def get_template(name: str) -> PromptTemplate:
     except KeyError:
         valid = ", ".join(sorted(TEMPLATES))
         raise ValueError(f"unknown prompt template {name!r}; valid templates: {valid}") from None
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """What ends an answer: the eos token, plus the ChatML turn end when the vocabulary has one."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end not in ids:
+        ids.append(im_end)
+    return ids

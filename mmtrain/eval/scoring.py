@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from mmtrain.data import VLMDataset, collate, get_template
 from mmtrain.data.manifest import Sample
+from mmtrain.data.templates import stop_token_ids
 from mmtrain.engine.evaluate import rank_share
 from mmtrain.eval.loading import EvalModel
 
@@ -82,15 +83,6 @@ def _left_pad(items: list[dict[str, Any]], pad: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "image_mask": image_mask,
             "pixel_values": torch.stack([item["pixel_values"] for item in items]),
             "has_image": torch.tensor([bool(item["has_image"]) for item in items], dtype=torch.bool)}
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """The eos token, plus the ChatML turn end when the vocabulary has one."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end not in ids:
-        ids.append(im_end)
-    return ids
 
 
 @torch.no_grad()

@@ -12,7 +12,9 @@ from typing import Any, Callable
 
 from safetensors.torch import save_file
 
+from mmtrain.data.templates import stop_token_ids
 from mmtrain.errors import UserError
+from mmtrain.export.chat_template import chat_template
 from mmtrain.export.llava import IMAGE_TOKEN, llava_weights
 
 
@@ -24,7 +26,7 @@ def export_llava(model: Any, cfg: Any, tokenizer: Any, out: str | Path, overwrit
         card: given the LLaVA config, the model card's Markdown (written as README.md).
     """
     # heavy (seconds to import): only where a model is exported
-    from transformers import LlavaConfig, LlavaProcessor
+    from transformers import GenerationConfig, LlavaConfig, LlavaProcessor
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -40,12 +42,17 @@ def export_llava(model: Any, cfg: Any, tokenizer: Any, out: str | Path, overwrit
             raise RuntimeError(f"{IMAGE_TOKEN} got id {tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}, expected "
                                f"{weights.config['image_token_index']}")
         vision = model.vision
+        adds_bos = tokenizer.bos_token_id is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+        template = chat_template(cfg.data.template, with_bos=tokenizer.bos_token_id is not None and not adds_bos,
+                                 image_token=IMAGE_TOKEN)
         processor = LlavaProcessor(image_processor=vision.processor, tokenizer=tokenizer,
                                    patch_size=vision.model.config.patch_size,
                                    vision_feature_select_strategy=weights.config["vision_feature_select_strategy"],
                                    num_additional_image_tokens=1 if vision._has_cls else 0,
-                                   image_token=IMAGE_TOKEN)
+                                   image_token=IMAGE_TOKEN, chat_template=template)
         processor.save_pretrained(staging)
+        GenerationConfig(eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         do_sample=False).save_pretrained(staging)
         if card is not None:
             (staging / "README.md").write_text(card(weights.config))
         if out.exists():

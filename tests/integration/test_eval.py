@@ -60,8 +60,9 @@ def test_target_logprobs_match_the_training_loss(trained_run):
 
 def test_generation_matches_a_plain_greedy_loop(trained_run):
     from mmtrain.data import read_manifest
+    from mmtrain.data.templates import stop_token_ids
     from mmtrain.eval.loading import load_for_eval
-    from mmtrain.eval.scoring import _prompt_only, build_dataset, generate_answers, stop_token_ids
+    from mmtrain.eval.scoring import _prompt_only, build_dataset, generate_answers
 
     em = load_for_eval(trained_run["run"])
     samples = [s for s in read_manifest(trained_run["manifest"]) if s.options is None][:4]

@@ -79,3 +79,34 @@ def test_export_command_writes_a_loadable_folder_with_a_model_card(llava_run, tm
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == config["image_token_index"]
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
     assert again.returncode == 2 and "exists and is not empty" in again.stderr
+
+
+def test_processor_prompt_and_greedy_text_match_mmtrain(llava_run, tmp_path):
+    from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
+
+    from mmtrain.data import VLMDataset, load_image
+    from mmtrain.data.templates import stop_token_ids
+    from mmtrain.eval.loading import load_for_eval
+    from mmtrain.eval.scoring import _left_pad, _prompt_only
+    from mmtrain.export.writer import export_llava
+
+    loaded = load_for_eval(llava_run)
+    model, cfg, tokenizer = loaded.model, loaded.cfg, loaded.tokenizer
+    folder = export_llava(model, cfg, AutoTokenizer.from_pretrained(cfg.model.llm.tokenizer), tmp_path / "export")
+    hf = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    dataset = VLMDataset.for_model(cfg.data.train, model, tokenizer, cfg.data)
+    for index in range(3):
+        prompt = _prompt_only(dataset.load(index))
+        expected = prompt["input_ids"].clone()
+        expected[prompt["image_mask"]] = hf.config.image_token_index
+        text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}],
+                                             add_generation_prompt=True)
+        inputs = processor(images=load_image(dataset.samples[index].image), text=text, return_tensors="pt")
+        assert inputs["input_ids"][0].tolist() == expected.tolist()
+        with torch.no_grad():
+            ours = model.generate(**_left_pad([prompt], tokenizer.pad_token_id), max_new_tokens=8,
+                                  eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)[0]
+            theirs = hf.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        assert processor.decode(theirs, skip_special_tokens=True) == tokenizer.decode(ours, skip_special_tokens=True)
+        assert theirs.tolist() == ours[: len(theirs)].tolist()
