@@ -13,6 +13,7 @@ commands:
   run RECIPE.yaml [options]                 run a pipeline of stages (train + evaluate), resumable
   eval RUN_OR_CHECKPOINT --data MANIFEST    evaluate a trained model (loss, generation, CIDEr, QA accuracy)
   export RUN_OR_CHECKPOINT --out DIR        write a LLaVA-shaped model as a transformers LLaVA folder
+  generate RUN_OR_EXPORT --image PATH ...   answer a prompt (default: a caption) about images, greedily
   transfer converter|merge|speedup ...      VPGTrans: word converter, projector merge, speed-up report
   surrogate trajectory|build ...            LLM surrogates: logit-lens trajectory (the cut), streamed build
   params CONFIG.yaml [--set KEY=VALUE ...]  trainable/frozen parameters per component (meta device, no weights)
@@ -51,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         from mmtrain.eval.cli import main as eval_main
 
         return eval_main(rest, prog="mmtrain eval")
+    if command == "generate":
+        # dispatch: import only what this command runs
+        from mmtrain.eval.cli import generate_main
+
+        return generate_main(rest, prog="mmtrain generate")
     if command == "export":
         # dispatch: import only what this command runs
         from mmtrain.export.cli import main as export_main

@@ -122,6 +122,9 @@ class DataConfig:
     """Training manifest (JSONL; image paths are relative to it), or a list of them, mixed into one
     training set (e.g. image-text with text-only samples)."""
     val: str | None = None
+    image_root: str | None = None
+    """Folder that relative image paths start from (LLaVA's JSON files name images under an image
+    folder, not next to the file); default: each manifest's own folder."""
     train_samples: int | None = None
     """Train on a seeded random subset of this many samples of `data.train` (null = all of them)."""
     val_samples: int | None = None

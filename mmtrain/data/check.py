@@ -18,7 +18,13 @@ from pathlib import Path
 from mmtrain.data.errors import BadSampleError, ManifestError
 from mmtrain.data.images import ImageLoadError, load_image
 from mmtrain.data.manifest import Sample, scan_manifest
-from mmtrain.data.templates import TEMPLATES, PromptTemplate, TokenizerLike, get_template, validate_sample
+from mmtrain.data.templates import (
+    TEMPLATES,
+    PromptTemplate,
+    TokenizerLike,
+    get_template,
+    validate_sample,
+)
 from mmtrain.errors import EXIT_USER_ERROR, report_user_errors
 
 _CHUNK = 256
@@ -98,6 +104,7 @@ def check_manifest(
     num_image_tokens: int = 0,
     num_workers: int = 8,
     no_image_text: str | None = None,
+    image_root: str | Path | None = None,
 ) -> CheckReport:
     """Validates every sample of a manifest and reports all problems found.
 
@@ -111,6 +118,7 @@ def check_manifest(
         template: Prompt template name used for encoding.
         num_image_tokens: Positions an image takes in the sequence.
         num_workers: Threads decoding images.
+        image_root: The folder relative image paths start from (default: the manifest's folder).
         no_image_text: Text standing in for the image of text-only samples (`data.no_image_text`).
 
     Returns:
@@ -129,7 +137,7 @@ def check_manifest(
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
     report = CheckReport(manifest=Path(path))
     try:
-        items = scan_manifest(path)
+        items = scan_manifest(path, image_root)
         first = next(items, None)
     except ManifestError as error:
         report.problems.append((error.line, error.reason))
@@ -176,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="mmtrain data check",
         description="Validate a JSONL manifest: parse every line, decode every image, check the texts.",
     )
-    parser.add_argument("manifest", type=Path, help="the JSONL manifest to check")
+    parser.add_argument("manifest", type=Path, help="the JSONL manifest (or LLaVA's JSON array) to check")
+    parser.add_argument("--image-root", type=Path, help="folder relative image paths start from (data.image_root)")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer folder; enables the encoding and length checks")
     parser.add_argument("--max-length", type=int, help="longest allowed sample in tokens (needs --tokenizer)")
     parser.add_argument("--template", default="plain", choices=sorted(TEMPLATES), help="prompt template")
@@ -203,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         template=args.template,
         num_image_tokens=args.num_image_tokens,
         no_image_text=args.no_image_text,
+        image_root=args.image_root,
     )
     print(report.format())
     return 0 if report.ok else 1

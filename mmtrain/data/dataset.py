@@ -137,7 +137,8 @@ class VLMDataset(Dataset[dict[str, Any]]):
             subset: keep a seeded random subset of this many samples (in manifest order).
         """
         manifests = manifest if isinstance(manifest, list) else [manifest]
-        samples = [sample for path in manifests for sample in read_manifest(path)]
+        image_root = getattr(data_cfg, "image_root", None)
+        samples = [sample for path in manifests for sample in read_manifest(path, image_root)]
         if subset is not None:
             samples = random_subset(samples, subset, seed, ", ".join(str(m) for m in manifests))
         return cls(samples, tokenizer, model.vision.image_transform, tuple(model.vision.image_shape),

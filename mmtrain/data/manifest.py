@@ -1,7 +1,8 @@
-"""JSONL manifests: reading and validating the records that describe training samples.
+"""Manifests: reading and validating the records that describe training samples.
 
-A manifest holds one JSON object per line (blank lines are ignored) in one of
-two shapes:
+A manifest holds one JSON object per line (blank lines are ignored), or, in a
+``.json`` file, one JSON array of them (LLaVA's data files, read as they are), in
+one of two shapes:
 
 * caption: ``{"image": "path", "text": "..."}``
 * instruction: ``{"image": "path" | null, "conversations": [{"from": "human", "value": "..."}, ...]}``
@@ -9,19 +10,22 @@ two shapes:
 Both may also carry ``"id"`` (any value) and ``"category"`` (a string). A
 multiple-choice question also carries ``"options"`` (two or more distinct strings)
 and ``"answer"`` (the index of the right option), which evaluation scores. Image
-paths are relative to the manifest's folder unless absolute. Images are not
-opened here; that happens when a sample is loaded.
+paths are relative to the manifest's folder (or ``data.image_root``) unless
+absolute. Images are not opened here; that happens when a sample is loaded.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 from mmtrain.data.errors import ManifestError
+
+log = logging.getLogger(__name__)
 
 ALLOWED_KEYS: tuple[str, ...] = ("answer", "category", "conversations", "id", "image", "options", "text")
 TURN_KEYS: tuple[str, ...] = ("from", "value")
@@ -117,13 +121,16 @@ def _parse_conversations(value: Any, fail: Callable[[str], NoReturn]) -> tuple[t
     return tuple(turns)
 
 
-def parse_record(raw: str, manifest: Path, line: int) -> Sample:
-    """Parses one manifest line into a Sample.
+def parse_record(raw: str | dict[str, Any], manifest: Path, line: int, image_root: Path | None = None,
+                 unused_keys: set[str] | None = None) -> Sample:
+    """Parses one manifest line (or one record of a JSON array) into a Sample.
 
     Args:
-        raw: The text of the line (not blank).
+        raw: The text of the line (not blank), or the decoded record.
         manifest: Path of the manifest, used to resolve relative image paths.
-        line: 1-based line number, used in error messages.
+        line: 1-based line number (a JSON array: the record's index), used in error messages.
+        image_root: The folder relative image paths start from (default: the manifest's folder).
+        unused_keys: Collects keys mmtrain does not use instead of failing on them (LLaVA's files).
 
     Returns:
         The parsed sample.
@@ -135,15 +142,21 @@ def parse_record(raw: str, manifest: Path, line: int) -> Sample:
     def fail(reason: str) -> NoReturn:
         raise ManifestError(manifest, line, reason)
 
-    try:
-        record = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise ManifestError(manifest, line, f"not valid JSON ({error.msg} at column {error.colno})") from None
+    if isinstance(raw, str):
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as error:
+            raise ManifestError(manifest, line, f"not valid JSON ({error.msg} at column {error.colno})") from None
+    else:
+        record = raw
     if not isinstance(record, dict):
         fail(f"expected a JSON object, got {_json_type(record)}")
-    for key in record:
-        if key not in ALLOWED_KEYS:
-            fail(f'unknown key "{key}" (allowed keys: {_quoted(ALLOWED_KEYS)})')
+    unknown = [key for key in record if key not in ALLOWED_KEYS]
+    if unknown and unused_keys is None:
+        fail(f'unknown key "{unknown[0]}" (allowed keys: {_quoted(ALLOWED_KEYS)})')
+    if unknown:
+        unused_keys.update(unknown)
+        record = {key: value for key, value in record.items() if key in ALLOWED_KEYS}
 
     has_text, has_conversations = "text" in record, "conversations" in record
     if has_text and has_conversations:
@@ -159,7 +172,7 @@ def parse_record(raw: str, manifest: Path, line: int) -> Sample:
         if not image_value.strip():
             fail('"image" is an empty string')
         # An absolute image path stays absolute when joined.
-        image = manifest.parent / image_value
+        image = (image_root if image_root is not None else manifest.parent) / image_value
 
     text: str | None = None
     conversations: tuple[tuple[str, str], ...] | None = None
@@ -198,24 +211,32 @@ def _parse_choices(record: dict[str, Any], fail: Callable[[str], NoReturn]) -> t
     return tuple(options), answer
 
 
-def scan_manifest(path: str | Path) -> Iterator[Sample | ManifestError]:
-    """Parses a manifest line by line without stopping at broken lines.
+def scan_manifest(path: str | Path, image_root: str | Path | None = None) -> Iterator[Sample | ManifestError]:
+    """Parses a manifest record by record without stopping at broken ones.
+
+    A ``.json`` file is LLaVA's format: one JSON array of records, numbered by index in messages;
+    keys mmtrain does not use are left out with one warning naming them.
 
     Args:
-        path: The JSONL manifest.
+        path: The JSONL manifest, or a JSON array of records.
+        image_root: The folder relative image paths start from (default: the manifest's folder).
 
     Yields:
-        A Sample for each valid line, a ManifestError (not raised) for each
+        A Sample for each valid record, a ManifestError (not raised) for each
         broken one. Blank lines yield nothing.
 
     Raises:
         ManifestError: The file cannot be read at all (line 0).
     """
     manifest = Path(path)
+    root = Path(image_root) if image_root is not None else None
     if not manifest.exists():
         raise ManifestError(manifest, 0, "manifest file not found", hint="check the path")
     if manifest.is_dir():
         raise ManifestError(manifest, 0, "the manifest path is a directory, not a JSONL file", hint="check the path")
+    if manifest.suffix == ".json":
+        yield from _scan_json_array(manifest, root)
+        return
     try:
         handle = manifest.open("rb")
     except OSError as error:
@@ -233,16 +254,38 @@ def scan_manifest(path: str | Path) -> Iterator[Sample | ManifestError]:
             if not raw.strip():
                 continue
             try:
-                yield parse_record(raw, manifest, line)
+                yield parse_record(raw, manifest, line, root)
             except ManifestError as error:
                 yield error
 
 
-def read_manifest(path: str | Path) -> list[Sample]:
+def _scan_json_array(manifest: Path, root: Path | None) -> Iterator[Sample | ManifestError]:
+    """The records of a LLaVA-style JSON array file, by index."""
+    hint = "a .json manifest is one JSON array of records (LLaVA's format); use .jsonl for one record a line"
+    try:
+        records = json.loads(manifest.read_text(encoding="utf-8-sig"))
+    except OSError as error:
+        raise ManifestError(manifest, 0, f"cannot read the manifest ({error.strerror})", hint="check the path") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ManifestError(manifest, 0, f"not valid JSON ({error})", hint=hint) from None
+    if not isinstance(records, list):
+        raise ManifestError(manifest, 0, f"expected a JSON array of records, got {_json_type(records)}", hint=hint)
+    unused: set[str] = set()
+    for index, record in enumerate(records):
+        try:
+            yield parse_record(record, manifest, index, root, unused_keys=unused)
+        except ManifestError as error:
+            yield error
+    if unused:
+        log.warning("%s: keys mmtrain does not use are ignored: %s", manifest, ", ".join(sorted(unused)))
+
+
+def read_manifest(path: str | Path, image_root: str | Path | None = None) -> list[Sample]:
     """Reads and validates a whole manifest.
 
     Args:
-        path: The JSONL manifest.
+        path: The JSONL manifest, or a JSON array of records (LLaVA's format).
+        image_root: The folder relative image paths start from (default: the manifest's folder).
 
     Returns:
         The samples in file order.
@@ -252,7 +295,7 @@ def read_manifest(path: str | Path) -> list[Sample]:
             JSON or breaks the schema (the first such line is reported).
     """
     samples: list[Sample] = []
-    for item in scan_manifest(path):
+    for item in scan_manifest(path, image_root):
         if isinstance(item, ManifestError):
             raise item
         samples.append(item)

@@ -8,6 +8,7 @@ Results go to `RUN/eval/<name>.json` (or `--out`), and a short table to the term
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -86,3 +87,51 @@ def main(argv: list[str] | None = None, prog: str = "mmtrain eval") -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def build_generate_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Answer a prompt about images (greedy decoding).")
+    parser.add_argument("target", metavar="RUN_OR_EXPORT",
+                        help="a run folder, a checkpoint folder, or a folder written by `mmtrain export`")
+    parser.add_argument("--image", nargs="+", required=True, metavar="PATH",
+                        help="image files, folders of images, or JSONL manifests (their images)")
+    parser.add_argument("--prompt", help="the question (default: a caption, as the run's template asks for one)")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--out", help="also write {image, prompt, answer} lines to this JSONL file")
+    parser.add_argument("--deepspeed", help="DeepSpeed JSON for the model's placement (default: the run's)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+@report_user_errors
+def generate_main(argv: list[str] | None = None, prog: str = "mmtrain generate") -> int:
+    """Print one answer per image (and write --out); exit 2 for a user error."""
+    args = build_generate_parser(prog).parse_args(argv)
+    # dispatch: import only what this command runs
+    from mmtrain.eval.generate import (
+        collect_images,
+        generate_with_export,
+        is_export,
+        prompt_samples,
+    )
+    from mmtrain.eval.loading import load_for_eval
+    from mmtrain.eval.scoring import generate_answers
+    from mmtrain.utils.io import atomic_write_text
+
+    images = collect_images(args.image)
+    rank = 0
+    if is_export(args.target):
+        answers = generate_with_export(args.target, images, args.prompt, args.max_new_tokens)
+    else:
+        em = load_for_eval(args.target, args.deepspeed)
+        rank = em.rank
+        answers = generate_answers(em, prompt_samples(images, args.prompt), args.batch_size, args.max_new_tokens)
+    if rank == 0:
+        records = [{"image": str(image), "prompt": args.prompt, "answer": answer}
+                   for image, answer in zip(images, answers)]
+        for record in records:
+            print(f"{record['image']}: {record['answer']}")
+        if args.out:
+            atomic_write_text(Path(args.out), "".join(json.dumps(r) + "\n" for r in records))
+    return 0

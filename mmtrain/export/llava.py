@@ -63,9 +63,49 @@ def check_mappable(model: nn.Module, cfg: Any) -> None:
     if getattr(model.llm, "modality", None) is not None:
         refuse("model.llm", "carrying an MMA modality token", "a plain LLM")
     foreign = [name for name, _ in model.llm.model.named_parameters()
-               if any(tag in name for tag in ("mma_adapter", "vl_pet", "lora_"))]
+               if any(tag in name for tag in ("mma_adapter", "vl_pet"))]
     if foreign:
-        refuse("model.llm", f"carrying a method's modules ({foreign[0]})", "the LLM's own weights only")
+        refuse("model.llm", f"carrying a method's modules ({foreign[0]})",
+               "the LLM's own weights (LoRA is merged into them)")
+
+
+def merged_state_dict(language_model: nn.Module, base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The LLM's weights by their plain names, LoRA layers merged (W + B A x scaling, PEFT's own delta).
+
+    Args:
+        base: the LLM's full-precision weights, for a quantised LLM (whose own weights are 4/8-bit):
+            its frozen weights are those, plus the trained LoRA deltas.
+    """
+    state = dict(base) if base is not None else dict(language_model.state_dict())
+    for name, module in language_model.named_modules():
+        if not (hasattr(module, "base_layer") and hasattr(module, "get_delta_weight")):
+            continue
+        weight = (base[f"{name}.weight"] if base is not None else module.base_layer.weight.detach()).clone().float()
+        for adapter in module.active_adapters:
+            weight += module.get_delta_weight(adapter).float()
+        for key in [k for k in state if k.startswith(f"{name}.")]:
+            del state[key]
+        state[f"{name}.weight"] = weight
+        bias = base.get(f"{name}.bias") if base is not None else getattr(module.base_layer, "bias", None)
+        if bias is not None:
+            state[f"{name}.bias"] = bias.detach()
+    return state
+
+
+def full_precision_weights(cfg: Any) -> dict[str, torch.Tensor] | None:
+    """A quantised LLM's weights as stored before quantisation (None when the LLM is not quantised)."""
+    llm = cfg.model.llm
+    if llm.quantization == "none":
+        return None
+    if not llm.name_or_path:
+        raise NotMappableError("cannot export a quantised LLM built from a config: its full-precision weights are "
+                               "nowhere (model.llm.name_or_path is not set)")
+    # heavy (seconds to import): only where a quantised model is exported
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(llm.name_or_path, dtype=torch.float32,
+                                                 trust_remote_code=llm.trust_remote_code)
+    return model.state_dict()
 
 
 def llava_weights(model: nn.Module, cfg: Any, tokenizer_size: int) -> LlavaWeights:
@@ -90,8 +130,9 @@ def llava_weights(model: nn.Module, cfg: Any, tokenizer_size: int) -> LlavaWeigh
         state[f"model.multi_modal_projector.linear_{index}.bias"] = linear.bias
     language_model = model.llm.model
     text_config = language_model.config.to_dict()
+    text_config.pop("quantization_config", None)  # exported in full precision
     decoder_prefix = language_model.base_model_prefix + "."
-    for name, tensor in language_model.state_dict().items():
+    for name, tensor in merged_state_dict(language_model, full_precision_weights(cfg)).items():
         if name.startswith(decoder_prefix):
             state[f"model.language_model.{name.removeprefix(decoder_prefix)}"] = tensor
         else:

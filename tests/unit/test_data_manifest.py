@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 from pathlib import Path
 
@@ -149,3 +150,34 @@ def test_error_strings_carry_hints_and_pickle() -> None:
     message_only = BadSampleError("Caught BadSampleError in DataLoader worker process 0.")
     assert str(message_only) == "Caught BadSampleError in DataLoader worker process 0."
     assert str(pickle.loads(pickle.dumps(message_only))) == str(message_only)
+
+
+def test_a_llava_json_array_reads_as_is_with_unused_keys_warned_once(tmp_path, caplog):
+    images = tmp_path / "images"
+    (images / "coco").mkdir(parents=True)
+    records = [{"id": f"r{i}", "image": f"coco/{i}.jpg", "model": "gpt-4", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": f"thing {i}"}]} for i in range(3)]
+    records.append({"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}],
+                    "source": "sharegpt"})
+    path = tmp_path / "data" / "llava_mix.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(records))
+    with caplog.at_level(logging.WARNING, logger="mmtrain.data.manifest"):
+        samples = read_manifest(path, image_root=images)
+    assert [s.id for s in samples] == ["r0", "r1", "r2", "text"]
+    assert samples[1].image == images / "coco" / "1.jpg" and samples[3].image is None
+    assert samples[0].conversations[1] == ("gpt", "thing 0")
+    warnings = [r.getMessage() for r in caplog.records if "does not use" in r.getMessage()]
+    assert len(warnings) == 1 and "model" in warnings[0] and "source" in warnings[0]
+    assert read_manifest(path)[0].image == path.parent / "coco" / "0.jpg"  # default: the file's folder
+
+
+def test_a_broken_llava_record_is_named_by_index(tmp_path):
+    good = {"image": "a.png", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([good, good, {"image": "b.png", "conversations": [{"from": "gpt", "value": "a"}]}]))
+    with pytest.raises(ManifestError, match=r"bad\.json:2: .*should be from \"human\""):
+        read_manifest(path)
+    path.write_text(json.dumps({"image": "a.png"}))
+    with pytest.raises(ManifestError, match=r"bad\.json:0: expected a JSON array of records, got an object"):
+        read_manifest(path)
