@@ -50,7 +50,7 @@ def _loss(scores: list[tuple[float, int]]) -> tuple[float, int]:
 
 def evaluate_manifest(em: EvalModel, manifest: str | Path, opts: EvalOptions) -> dict[str, Any]:
     """Run every applicable metric on `manifest`; the same dict on every rank."""
-    samples = read_manifest(manifest)
+    samples = read_manifest(manifest, em.cfg.data.image_root)  # LLaVA's .json files name images under it
     if opts.max_samples:
         samples = samples[: opts.max_samples]
     result: dict[str, Any] = {"data": str(manifest), "samples": len(samples)}
