@@ -152,7 +152,7 @@ def llava_weights(model: nn.Module, cfg: Any, tokenizer_size: int) -> LlavaWeigh
         "vision_config": vision_config, "text_config": text_config, "image_token_index": image_token_id,
         "image_seq_length": num_tokens, "projector_hidden_act": "gelu",
         "vision_feature_layer": cfg.model.vision.feature_layer,
-        "vision_feature_select_strategy": "default" if vision._has_cls and vision._drop_cls else "full",
+        "vision_feature_select_strategy": "default" if vision.has_cls and vision.drop_cls else "full",
         "multimodal_projector_bias": True, "tie_word_embeddings": bool(text_config.get("tie_word_embeddings")),
     }
     return LlavaWeights(config=config, state_dict={k: v.detach().cpu().contiguous() for k, v in state.items()})

@@ -48,7 +48,7 @@ def export_llava(model: Any, cfg: Any, tokenizer: Any, out: str | Path, overwrit
         processor = LlavaProcessor(image_processor=vision.processor, tokenizer=tokenizer,
                                    patch_size=vision.model.config.patch_size,
                                    vision_feature_select_strategy=weights.config["vision_feature_select_strategy"],
-                                   num_additional_image_tokens=1 if vision._has_cls else 0,
+                                   num_additional_image_tokens=1 if vision.has_cls else 0,
                                    image_token=IMAGE_TOKEN, chat_template=template)
         processor.save_pretrained(staging)
         GenerationConfig(eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,

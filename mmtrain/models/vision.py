@@ -43,17 +43,17 @@ class HFVisionTower(VisionTower):
         self.out_dim = config.hidden_size
         patch = getattr(config, "patch_size", None)
         self._num_patches = (size // patch) ** 2 if patch else None
-        self._drop_cls = drop_cls
+        self.drop_cls = drop_cls  # public: the exporter maps has_cls and drop_cls onto LLaVA settings
         with torch.no_grad():
             probe = self._hidden(torch.zeros(1, *self.image_shape))
-        self._has_cls = self._num_patches is not None and probe.shape[1] == self._num_patches + 1
-        self.num_tokens = probe.shape[1] - (1 if (self._has_cls and drop_cls) else 0)
+        self.has_cls = self._num_patches is not None and probe.shape[1] == self._num_patches + 1
+        self.num_tokens = probe.shape[1] - (1 if (self.has_cls and drop_cls) else 0)
         if cls_every:
             depth = len(self.blocks())
-            if not self._has_cls or not 0 < cls_every <= depth:
+            if not self.has_cls or not 0 < cls_every <= depth:
                 raise ValueError(f"model.vision.cls_every={cls_every} needs a tower with a CLS token and at most "
                                  f"{depth} blocks between picks ({type(model).__name__} has "
-                                 f"{'a' if self._has_cls else 'no'} CLS token, {depth} blocks)")
+                                 f"{'a' if self.has_cls else 'no'} CLS token, {depth} blocks)")
             self.num_tokens = depth // cls_every
 
     def _hidden(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -69,7 +69,7 @@ class HFVisionTower(VisionTower):
         if self.cls_every:
             return self._cls_tokens(pixel_values)
         feats = self._hidden(pixel_values)
-        if self._has_cls and self._drop_cls:
+        if self.has_cls and self.drop_cls:
             feats = feats[:, 1:]
         return feats
 
@@ -91,7 +91,7 @@ class HFVisionTower(VisionTower):
         for block in self.blocks()[start:self.feature_block()]:
             out = block(hidden, None)
             hidden = out[0] if isinstance(out, tuple) else out
-        if self._has_cls and self._drop_cls:
+        if self.has_cls and self.drop_cls:
             hidden = hidden[:, 1:]
         return hidden
 
