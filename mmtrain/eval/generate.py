@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
+from mmtrain.data import load_image
 from mmtrain.data.manifest import GPT, HUMAN, Sample, read_manifest
 from mmtrain.errors import UserError
 
@@ -63,10 +66,7 @@ def is_export(path: str | Path) -> bool:
 def generate_with_export(folder: str | Path, images: list[Path], prompt: str | None, max_new_tokens: int) -> list[str]:
     """Greedy answers of an exported LLaVA folder, prompted through its processor's chat template."""
     # heavy (seconds to import): only where a model is loaded
-    import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    from mmtrain.data import load_image
 
     model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(folder)

@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None, prog: str = "mmtrain export") -> int:
     # dispatch: import only what this command runs
     from transformers import AutoTokenizer
 
+    # dispatch: the command's own modules
     from mmtrain.config.paths import RunDir
     from mmtrain.cost.report import ReportError, run_report
     from mmtrain.eval.loading import load_for_eval
