@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmtrain.assets import (
-    captions_mix, dinov2, easy_vqa, emoji, kgeography, mcqa, mnist, mobilenet, models, openclipart, prose,
-    scratch_media, tuxpaint,
+    captions_mix, debian_text, dinov2, easy_vqa, emoji, kgeography, mcqa, mnist, mobilenet, models, openclipart,
+    prose, scratch_media, tuxpaint,
 )
 from mmtrain.assets.common import Asset, AssetError, asset_dir, install, is_complete
 
@@ -22,7 +22,7 @@ def all_assets() -> dict[str, Asset]:
     """Name -> Asset for every known asset."""
     found: dict[str, Asset] = {}
     for module in (tuxpaint, scratch_media, openclipart, captions_mix, kgeography, emoji, mnist, mcqa, easy_vqa, prose,
-                   models, mobilenet, dinov2):
+                   debian_text, models, mobilenet, dinov2):
         for asset in module.ASSETS:
             found[asset.name] = asset
     return found

@@ -37,16 +37,14 @@ below `Media/` without suffix) and `info.json` (package version, counts, skipped
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
-from mmtrain.assets.common import Asset, AssetError, scratch_dir
+from mmtrain.assets.common import Asset, AssetError, deb_field, download_package, scratch_dir, unpack
 from mmtrain.assets.splits import split_by_caption, write_caption_splits, write_json
 
 PACKAGE = "scratch"
@@ -258,44 +256,6 @@ def find_pictures(media: Path) -> tuple[list[Picture], dict[str, int]]:
         pictures.append(Picture(id=relative.with_suffix("").as_posix(), source=path, relative=relative,
                                 caption=caption, category=category_of(relative)))
     return pictures, skipped
-
-
-def download_package(package: str, dest: Path) -> Path:
-    """`apt-get download` one Debian package into `dest` (nothing is installed); returns the .deb.
-
-    Refreshes the package lists once (`apt-get update`) when the first attempt fails.
-    """
-    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-        raise AssetError(f"the {package!r} Debian package is needed and apt-get or dpkg-deb is not available; "
-                         f"download {package}_*.deb with your system's tools")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    command = ["apt-get", "download", package]
-    proc = subprocess.run(command, cwd=dest, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:  # the package lists may be missing on a fresh machine: refresh once
-        prefix = [] if os.geteuid() == 0 else ["sudo", "-n"]
-        update = subprocess.run([*prefix, "apt-get", "update"], capture_output=True, text=True, env=env)
-        if update.returncode != 0:
-            raise AssetError(f"step `apt-get update` failed:\n{update.stderr.strip()[-2000:]}")
-        proc = subprocess.run(command, cwd=dest, capture_output=True, text=True, env=env)
-    debs = sorted(dest.glob(f"{package}_*.deb"))
-    if proc.returncode != 0 or not debs:
-        raise AssetError(f"step `apt-get download {package}` failed in {dest}:\n{proc.stderr.strip()[-2000:]}")
-    return debs[0]
-
-
-def deb_field(deb: Path, field: str) -> str:
-    """One control field of a .deb file (`dpkg-deb -f`), e.g. its Version."""
-    proc = subprocess.run(["dpkg-deb", "-f", str(deb), field], capture_output=True, text=True)
-    if proc.returncode != 0 or not proc.stdout.strip():
-        raise AssetError(f"step `dpkg-deb -f {deb.name} {field}` failed: {proc.stderr.strip()}")
-    return proc.stdout.strip()
-
-
-def unpack(deb: Path, root: Path) -> None:
-    """Unpack the files of a .deb below `root` (`dpkg-deb -x`), running none of its scripts."""
-    proc = subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise AssetError(f"step `dpkg-deb -x {deb.name}` failed: {proc.stderr.strip()[-2000:]}")
 
 
 def build(staging: Path) -> None:

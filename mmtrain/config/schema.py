@@ -75,6 +75,8 @@ class ProjectorConfig:
     """MLP only: the hidden width (default: the LLM's width; LaVIN: 128)."""
     activation: Literal["gelu", "silu"] = "gelu"
     """MLP only: the activation between the two layers (LaVIN: silu)."""
+    init: Literal["default", "xavier"] = "default"
+    """Initial weights: PyTorch's default for linear layers, or xavier-uniform with zero biases (LaVIN's)."""
     trainable: Trainability = "full"
     image_boundaries: bool = False
     """Learned begin-of-image and end-of-image embeddings around every image's visual tokens (two

@@ -9,7 +9,9 @@ A training step then costs, per component, forward FLOPs x a pass multiplier:
 - 1 for the forward;
 - + 1 for the backward to its inputs, when anything trainable sits in it or before it (the
   gradient has to flow through it); a frozen component with nothing trainable before it runs
-  forward only (the VLM runs it under no_grad);
+  forward only (the VLM runs it under no_grad). An LLM whose first trainable part is a decoder
+  layer deep inside it (a surrogate's translator) with nothing trainable before it backpropagates
+  from that layer on only: its backward counts the share of the forward FLOPs from that layer on;
 - + its trainable share (the weight gradients, about one forward's worth for a fully trainable
   component);
 - + 1 for the LLM under gradient checkpointing (the forward is recomputed in the backward).
@@ -28,6 +30,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
+from mmtrain.models.llm import decoder_layers
 from mmtrain.models.trainability import numel
 
 PER_IMAGE = ("vision", "resampler", "projector")
@@ -56,8 +59,13 @@ class StepFlops:
         return asdict(self)
 
 
-def pass_multipliers(model: nn.Module, gradient_checkpointing: bool = False) -> dict[str, float]:
-    """Forward + backward passes each component costs per step, in forward units (module docstring)."""
+def pass_multipliers(model: nn.Module, gradient_checkpointing: bool = False,
+                     llm_backward_share: float = 1.0) -> dict[str, float]:
+    """Forward + backward passes each component costs per step, in forward units (module docstring).
+
+    `llm_backward_share`: the share of the LLM's forward FLOPs its input-gradient backward repeats
+    when nothing before it trains (`count_forward_flops`'s `llm_backward_share`).
+    """
     out: dict[str, float] = {}
     trainable_before = False
     for name, module in model.components().items():
@@ -68,7 +76,8 @@ def pass_multipliers(model: nn.Module, gradient_checkpointing: bool = False) -> 
             if p.requires_grad:
                 trainable += n
         gradient_flows = trainable_before or trainable > 0
-        multiplier = 1.0 + (1.0 if gradient_flows else 0.0) + (trainable / total if total else 0.0)
+        backward = 1.0 if trainable_before else llm_backward_share if name == "llm" else 1.0
+        multiplier = 1.0 + (backward if gradient_flows else 0.0) + (trainable / total if total else 0.0)
         if name == "llm" and gradient_checkpointing and gradient_flows:
             multiplier += 1.0
         out[name] = round(multiplier, 6)
@@ -99,10 +108,32 @@ def count_forward_flops(model: nn.Module, sequence_length: int, device: torch.de
         mask = torch.ones((1, length), dtype=torch.long, device=device)
         modality = getattr(model.llm, "modality", None)
         extra = {"has_image": torch.ones(1, dtype=torch.bool, device=device)} if modality is not None else {}
-        with FlopCount() as counter:
-            model.llm(inputs_embeds=embeds, attention_mask=mask, **extra)
+        start = _gradient_start(model.llm)
+        before: list[float] = []
+        hook = start.register_forward_pre_hook(lambda *_: before.append(counter.total)) if start else None
+        try:
+            with FlopCount() as counter:
+                model.llm(inputs_embeds=embeds, attention_mask=mask, **extra)
+        finally:
+            if hook is not None:
+                hook.remove()
         out["llm"] = float(counter.total) / length
+        out["llm_backward_share"] = 1.0 - before[0] / counter.total if before and counter.total else 1.0
     return out
+
+
+def _gradient_start(llm: nn.Module) -> nn.Module | None:
+    """The decoder layer the LLM's backward starts at when its first trainable parameters sit in a
+    decoder layer after the first one (nothing trainable before it); None otherwise."""
+    try:
+        layers = list(decoder_layers(getattr(llm, "model", llm)))
+    except ValueError:
+        return None
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    if any(p.requires_grad and id(p) not in in_layers for p in llm.parameters()):
+        return None  # embeddings, norms, a head or a modality token train: the gradient reaches everything
+    first = next((i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())), None)
+    return layers[first] if first else None
 
 
 class FlopCount(TorchDispatchMode):
@@ -139,6 +170,7 @@ def step_flops_model(model: nn.Module, sequence_length: int, gradient_checkpoint
                      device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> StepFlops:
     """Count the forward FLOPs and derive the multipliers of `model` (see the module docstring)."""
     forward = count_forward_flops(model, sequence_length, device, dtype)
+    backward_share = forward.pop("llm_backward_share")
     notes = []
     if forward["llm"] == 0:  # e.g. bitsandbytes' quantised matmuls are custom kernels the counter skips
         forward["llm"] = 2.0 * _matmul_parameters(model.llm)
@@ -146,7 +178,10 @@ def step_flops_model(model: nn.Module, sequence_length: int, gradient_checkpoint
     if getattr(model, "reads_cached_features", False) and getattr(model, "cached_from_block", None) is None:
         forward["vision"] = 0.0
         notes.append("the frozen tower's outputs come from a feature cache: no tower FLOPs in the steps")
-    return StepFlops(forward=forward, multipliers=pass_multipliers(model, gradient_checkpointing),
+    if backward_share < 1.0:
+        notes.append(f"the LLM's backward starts at its first trainable decoder layer: {backward_share:.3f} of its "
+                     "forward")
+    return StepFlops(forward=forward, multipliers=pass_multipliers(model, gradient_checkpointing, backward_share),
                      measured_sequence=int(sequence_length), notes=notes)
 
 

@@ -19,6 +19,8 @@ and the `job` block):
   `checkpoint_s`, `wall_s`) and the rank's `memory`.
 - `checkpoint`: rank 0 after a checkpoint is complete: `step`, cumulative `train_s`, `samples`,
   `tokens`, `flops` of the attempt so far (what a killed attempt has kept).
+- `validation`: rank 0 after each validation: `step`, `epoch`, `metrics` (`val_loss`, ...) and the
+  attempt's counters so far, as `checkpoint` (learning curves against FLOPs: `mmtrain.cost.curve`).
 The `job` block: `job_id`, `array_job_id`, `array_task_id`, `restart_count` (SLURM requeues),
 `nodes`, `gpus` (allocated to the whole attempt), `gpu_type`, `host`. docs/cost.md documents it.
 """

@@ -68,6 +68,11 @@ class CostRecorder:
             self.usage.end_step(event.step, event.samples, event.tokens, event.images, flops)
         elif isinstance(event, EvaluationEnd):
             self.usage.eval_s += event.seconds
+            if self._rank == 0:
+                # Learning curves against compute read these (mmtrain.cost.curve).
+                metrics = {k: v for k, v in event.record.items() if k.startswith("val_")}
+                self.ledger.write("validation", rank=self._rank, world_size=self._world_size, step=event.step,
+                                  epoch=event.record.get("epoch"), metrics=metrics, **self.usage.counters())
         elif isinstance(event, CheckpointSaved):
             self.usage.checkpoint_s += event.seconds
             if self._rank == 0:

@@ -24,6 +24,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--name", help="results name (default: the manifest's file name without .jsonl)")
     parser.add_argument("--out", help="results JSON (default: RUN/eval/<name>.json)")
     parser.add_argument("--max-samples", type=int, help="only the first N samples")
+    parser.add_argument("--seeded-sample", action="store_true",
+                        help="draw the --max-samples at random with the run's seed, as data.val_samples does (on "
+                             "the run's validation manifest: the very samples training validated on)")
     parser.add_argument("--generate", type=int, help="generate for at most N images/questions (default: all; 0: none)")
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -44,13 +47,16 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 @report_user_errors
 def main(argv: list[str] | None = None, prog: str = "mmtrain eval") -> int:
     """Evaluate; exit 0 when done, 2 for a user error (`error: MESSAGE`: a target, manifest, key...)."""
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if args.seeded_sample and not args.max_samples:
+        parser.error("--seeded-sample draws --max-samples samples at random; give --max-samples N too")
     # dispatch: import only what this command runs
     from mmtrain.eval.loading import load_for_eval
     from mmtrain.eval.runner import EvalOptions, evaluate_manifest, format_results
     from mmtrain.utils.io import atomic_write_json
 
-    options = EvalOptions(max_samples=args.max_samples, generate=args.generate, max_new_tokens=args.max_new_tokens,
+    options = EvalOptions(max_samples=args.max_samples, seeded_sample=args.seeded_sample, generate=args.generate, max_new_tokens=args.max_new_tokens,
                           batch_size=args.batch_size, ablations=not args.no_ablations, text=args.text,
                           text_max_tokens=args.text_max_tokens)
     try:

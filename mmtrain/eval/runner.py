@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mmtrain.data import read_manifest
+from mmtrain.data.dataset import random_subset
 from mmtrain.data.manifest import Sample
 from mmtrain.eval import metrics
 from mmtrain.eval.loading import EvalModel
@@ -29,6 +30,9 @@ from mmtrain.eval.variants import OPTION_LETTERS, reference_answer, with_answer,
 class EvalOptions:
     max_samples: int | None = None
     """Evaluate the first N samples of the manifest (all when None)."""
+    seeded_sample: bool = False
+    """Draw the `max_samples` at random with the run's seed instead of taking the first N: on the run's
+    validation manifest with `max_samples = data.val_samples`, exactly the samples training validated on."""
     generate: int | None = None
     """Generate for at most N items (distinct images for captions, questions for QA); None = all,
     0 = no generation (no CIDEr or exact match)."""
@@ -51,8 +55,13 @@ def _loss(scores: list[tuple[float, int]]) -> tuple[float, int]:
 def evaluate_manifest(em: EvalModel, manifest: str | Path, opts: EvalOptions) -> dict[str, Any]:
     """Run every applicable metric on `manifest`; the same dict on every rank."""
     samples = read_manifest(manifest, em.cfg.data.image_root)  # LLaVA's .json files name images under it
+    if opts.seeded_sample and not opts.max_samples:
+        raise ValueError("--seeded-sample draws --max-samples samples; give --max-samples N")
     if opts.max_samples:
-        samples = samples[: opts.max_samples]
+        if opts.seeded_sample:
+            samples = random_subset(samples, min(opts.max_samples, len(samples)), em.cfg.seed, manifest)
+        else:
+            samples = samples[: opts.max_samples]
     result: dict[str, Any] = {"data": str(manifest), "samples": len(samples)}
     headline: dict[str, float] = {}
 

@@ -10,6 +10,8 @@ returns them around each image's visual tokens, as the grafting recipes train th
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -37,8 +39,9 @@ class _ImageBoundaries:
     extra_tokens = 2
 
     def _init_boundaries(self, out_dim: int) -> None:
-        self.begin_image = nn.Parameter(torch.randn(out_dim) * 0.02)
-        self.end_image = nn.Parameter(torch.randn(out_dim) * 0.02)
+        # N(0, 1/d), as the grafting code initialises its begin/end-of-image embeddings
+        self.begin_image = nn.Parameter(torch.randn(out_dim) / math.sqrt(out_dim))
+        self.end_image = nn.Parameter(torch.randn(out_dim) / math.sqrt(out_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = super().forward(x)
@@ -64,11 +67,22 @@ class BoundedMLPProjector(_ImageBoundaries, MLPProjector):
         self._init_boundaries(out_dim)
 
 
+def _xavier(projector: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for layer in projector.modules():
+            if isinstance(layer, nn.Linear):
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
+    return projector
+
+
 def build_projector(in_dim: int, out_dim: int, cfg: ProjectorConfig) -> nn.Module:
     """The projector named by `cfg.kind` (with begin/end-of-image embeddings if `cfg.image_boundaries`)."""
     if cfg.kind == "linear":
         if cfg.hidden_size is not None or cfg.activation != "gelu":
             raise ValueError("model.projector.hidden_size/activation apply to kind: mlp only")
-        return (BoundedLinearProjector if cfg.image_boundaries else LinearProjector)(in_dim, out_dim)
-    return (BoundedMLPProjector if cfg.image_boundaries else MLPProjector)(in_dim, out_dim, cfg.hidden_size,
-                                                                           cfg.activation)
+        projector = (BoundedLinearProjector if cfg.image_boundaries else LinearProjector)(in_dim, out_dim)
+    else:
+        projector = (BoundedMLPProjector if cfg.image_boundaries else MLPProjector)(in_dim, out_dim, cfg.hidden_size,
+                                                                                    cfg.activation)
+    return _xavier(projector) if cfg.init == "xavier" else projector

@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -506,10 +507,13 @@ def hashable_config(config: RunConfig, output_dir: str | Path) -> dict[str, Any]
     data = to_dict(config)
     for key in BOOKKEEPING_KEYS:
         data.pop(key, None)
-    root = str(output_dir).rstrip("/") + "/"
+    # Absolute on both sides: a run started with `--output-dir runs/x` and resumed with the absolute
+    # path (or the other way round) is the same run.
+    root = os.path.abspath(output_dir) + os.sep
     for source in data.get("init", []):
-        if source["path"].startswith(root):
-            source["path"] = "<output_dir>/" + source["path"][len(root):]
+        path = os.path.abspath(source["path"])
+        if path.startswith(root):
+            source["path"] = "<output_dir>/" + path[len(root):]
     return data
 
 

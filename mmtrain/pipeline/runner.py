@@ -34,6 +34,7 @@ from mmtrain.pipeline.state import (
     end_attempt,
     format_table,
     latest_step,
+    missing_evals,
     probe,
     read_json,
     stage_lock,
@@ -96,7 +97,7 @@ def run_pipeline(pipeline: Pipeline, only: str | None = None, restart_from: str 
         for stage in selected:
             state = probe(stage)
             tag = f"[{stage.index}/{total}] {stage.name}"
-            if state.done:
+            if state.done and not missing_evals(stage):
                 loss = state.record.get("train_loss")
                 loss_text = f", train loss {loss:.4f}" if isinstance(loss, (int, float)) else ""
                 print(f"skip {tag}: done (step {state.record.get('steps')}/{stage.config.max_steps}{loss_text}) "

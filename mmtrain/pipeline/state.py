@@ -106,6 +106,12 @@ def probe(stage: Stage) -> StageState:
     return StageState(status=status, record=record, step=step, changes=changes)
 
 
+def missing_evals(stage: Stage) -> list[str]:
+    """The stage's evals without a result file (e.g. added to the recipe after the stage finished):
+    a `done` stage with any is run again, which runs only them."""
+    return [spec.name for spec in stage.evals if not stage.eval_output(spec).is_file()]
+
+
 def _config_changes(stage: Stage) -> list[str]:
     try:
         raw = yaml.safe_load(stage.config_file.read_text()) or {}

@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 from mmtrain.errors import UserError
 from mmtrain.pipeline.recipe import Pipeline, Stage
-from mmtrain.pipeline.state import probe, read_json
+from mmtrain.pipeline.state import missing_evals, probe, read_json
 from mmtrain.slurm.options import SlurmOptions, resolve_options
 from mmtrain.slurm.render import Variant, render_stage, variants
 from mmtrain.utils.io import atomic_write_json, atomic_write_text
@@ -57,7 +57,7 @@ def plan(pipeline: Pipeline, command_line: dict[str, Any], overrides: list[str],
     for stage in pipeline.stages:
         if only is not None and stage.name not in only:
             continue
-        if not tasks and probe(stage).done:
+        if not tasks and probe(stage).done and not missing_evals(stage):
             continue
         options = resolve_options(stage.slurm, f"{pipeline.recipe_path}: stages.{stage.name}", command_line)
         throttle = options.throttle

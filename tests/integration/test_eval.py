@@ -114,6 +114,37 @@ def test_eval_cli_writes_every_metric(trained_run, tmp_path):
     assert "cider" in result["stdout"] and "image helps" in result["stdout"]
 
 
+def test_seeded_sample_scores_the_samples_training_validated_on(tiny_assets, tmp_path):
+    """`--seeded-sample` with the run's val_samples scores the very subset the run's validation used:
+    the same loss and token count as the last validation in metrics.jsonl (the first N would differ)."""
+    cfg = tiny_config(tiny_assets, tmp_path / "run", max_steps=4, eval_every=4, seed=3,
+                      **{"data.val": str(tiny_assets["val"]), "data.val_samples": 5})
+    path = write_config(cfg, tmp_path / "config.yaml")
+    proc = subprocess.run([sys.executable, "-m", "mmtrain.train", str(path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    validation = [r for r in records if "val_loss" in r][-1]
+    assert validation["step"] == 4
+
+    def score(*extra: str) -> dict:
+        out = tmp_path / "eval.json"
+        proc = subprocess.run([sys.executable, "-m", "mmtrain", "eval", str(tmp_path / "run"), "--data",
+                               str(tiny_assets["val"]), "--out", str(out), "--max-samples", "5", "--generate", "0",
+                               "--no-ablations", *extra], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return json.loads(out.read_text())["loss"]
+
+    seeded, first = score("--seeded-sample"), score()
+    assert seeded["tokens"] == validation["val_tokens"]
+    assert seeded["loss"] == pytest.approx(validation["val_loss"], abs=1e-4)
+    assert first["tokens"] != seeded["tokens"] or abs(first["loss"] - seeded["loss"]) > 1e-6
+    proc = subprocess.run([sys.executable, "-m", "mmtrain", "eval", str(tmp_path / "run"), "--data",
+                           str(tiny_assets["val"]), "--seeded-sample"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "--max-samples" in proc.stderr
+
+
 @pytest.mark.slow
 def test_zero3_sharded_eval_equals_single_process(trained_run, tmp_path):
     single = _eval(trained_run, tmp_path, "--max-samples", "7")

@@ -167,3 +167,14 @@ def test_stage_evals_run_after_training_and_are_not_redone(tiny_assets, tmp_path
     assert "training already finished at step 2" in proc.stdout and "skip [1/1] align eval val" in proc.stdout
     assert result_file.stat().st_mtime_ns == mtime
     assert json.loads((stage_dir / "stage.json").read_text())["status"] == "done"
+
+    # An eval added to a finished stage's recipe runs on the next `mmtrain run`; nothing else is redone.
+    stages[0]["evals"].append({"name": "val-first2", "data": str(tiny_assets["val"]), "max_samples": 2,
+                               "generate": 0, "no_ablations": True, "show": 0})
+    recipe = write_recipe(tmp_path, tiny_assets, stages)
+    proc = run_cli([str(recipe)])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "training already finished at step 2" in proc.stdout and "skip [1/1] align eval val:" in proc.stdout
+    assert json.loads((stage_dir / "eval" / "val-first2.json").read_text())["samples"] == 2
+    assert result_file.stat().st_mtime_ns == mtime
+    assert set(json.loads((stage_dir / "stage.json").read_text())["evals"]) == {"val", "val-first2"}

@@ -60,6 +60,7 @@ def _same_curves(sharded: dict, single: dict) -> None:
     assert (sharded["texts"], sharded["positions"]) == (single["texts"], single["positions"]) and single["texts"] == 9
     assert min(single["kl"][:-1]) > 0.01
     assert sharded["kl"] == pytest.approx(single["kl"], rel=1e-5, abs=1e-9)
+    assert sharded["kl_true_token"] == pytest.approx(single["kl_true_token"], rel=1e-5, abs=1e-9)
     assert sharded["true_token_prob"] == pytest.approx(single["true_token_prob"], rel=1e-5)
     assert sharded["output_true_token_prob"] == pytest.approx(single["output_true_token_prob"], rel=1e-5)
     assert (sharded["transition_layer"], sharded["cut"]) == (single["transition_layer"], single["cut"])

@@ -122,13 +122,17 @@ def test_warmup_lr_is_exactly_five_times_and_constant(vpgtrans_run):
 
 
 def test_curves_and_speedup_report(vpgtrans_run):
+    from mmtrain.cost.curve import folder_compute
     from mmtrain.methods.vpgtrans.speedup import read_curve
 
     root = vpgtrans_run
-    curve = read_curve(root / "vt")
+    curve = read_curve(root / "vt", folder_compute)
     assert curve.prior_stages == ["01-source"] and curve.prior_compute_s > 0
     assert [round(p.epoch, 6) for p in curve.points] == [1.0, 2.0, 3.0]  # 32 samples = 8 steps of 4
     assert all(b.compute_s > a.compute_s for a, b in zip(curve.points, curve.points[1:]))
+    # FLOPs from the ledger's validation records.
+    assert all(p.flops is not None for p in curve.points) and curve.prior_flops > 0
+    assert curve.points[0].flops > 0 and all(b.flops > a.flops for a, b in zip(curve.points, curve.points[1:]))
     out = root / "speedup.json"
     proc = subprocess.run([sys.executable, "-m", "mmtrain", "transfer", "speedup", str(root / "vt"), str(root / "tfs"),
                            "--out", str(out)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
@@ -138,8 +142,10 @@ def test_curves_and_speedup_report(vpgtrans_run):
     report = json.loads(out.read_text())
     (loss,) = [s for s in report["speedups"] if s["metric"] == "val_loss"]
     assert loss["tfs_best_epoch"] in [p["epoch"] for p in report["tfs"]["points"]]
+    assert loss["tfs_flops"] > 0
     if loss["vt_epoch"] is not None:
         assert loss["speedup_epochs"] == pytest.approx(loss["tfs_best_epoch"] / loss["vt_epoch"])
+        assert loss["speedup_flops"] == pytest.approx(loss["tfs_flops"] / loss["vt_flops"])
 
 
 def test_converter_under_two_rank_zero3_equals_single_process(vpgtrans_run):

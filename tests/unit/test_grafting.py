@@ -137,3 +137,14 @@ def test_training_data_can_mix_manifests(tiny_assets, surrogate_like, tmp_path):
     subset = VLMDataset.for_model([str(tiny_assets["train"]), str(text_only)], model, tokenizer,
                                   DataConfig(max_length=64), subset=10, seed=1)
     assert len(subset) == 10
+
+
+def test_boundary_embeddings_start_at_the_official_scale():
+    from mmtrain.config.schema import ProjectorConfig
+    from mmtrain.models.projector import build_projector
+
+    torch.manual_seed(0)
+    projector = build_projector(32, 4096, ProjectorConfig(kind="mlp", image_boundaries=True))
+    # N(0, 1/d): the grafting code's init of its begin/end-of-image embeddings (d = 4096: std 1/64)
+    for embedding in (projector.begin_image.detach(), projector.end_image.detach()):
+        assert abs(float(embedding.std()) - 1 / 64) < 0.1 / 64 and abs(float(embedding.mean())) < 0.1 / 64

@@ -118,3 +118,29 @@ def test_counted_llm_flops_grow_with_the_sequence(tiny_assets, length):
     assert all(p.requires_grad for p in model.projector.parameters())  # restored after counting
     assert count_forward_flops(model, length * 4)["llm"] > flops["llm"]
     assert torch.is_grad_enabled()
+
+
+def test_llm_backward_starts_at_its_first_trainable_layer(tiny_assets):
+    """A surrogate's translator deep in a frozen LLM, nothing trainable before it: the backward
+    covers the forward FLOPs from that layer on, not the whole LLM."""
+    from mmtrain.config import load_config
+    from mmtrain.cost.flops import step_flops_model
+    from mmtrain.models import build_vlm
+    from mmtrain.models.llm import decoder_layers
+    from tests.conftest import tiny_config, write_config
+
+    cfg = load_config(write_config(tiny_config(tiny_assets, tiny_assets["root"] / "x"), tiny_assets["root"] / "m.yaml"))
+    model, _, _ = build_vlm(cfg.model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    last = decoder_layers(model.llm.model)[-1]  # the tiny LLM has 2 layers
+    for p in last.parameters():
+        p.requires_grad_(True)
+    flops = step_flops_model(model, 16)
+    share = sum(p.numel() for p in last.parameters()) / sum(p.numel() for p in model.llm.parameters())
+    backward = flops.multipliers["llm"] - 1.0 - share
+    assert 0.2 < backward < 0.8 and any("first trainable decoder layer" in n for n in flops.notes)
+    # With the projector trainable the gradient flows through the whole LLM again.
+    for p in model.projector.parameters():
+        p.requires_grad_(True)
+    assert step_flops_model(model, 16).multipliers["llm"] == pytest.approx(2.0 + share)

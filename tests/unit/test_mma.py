@@ -316,3 +316,23 @@ def test_lora_trains_only_its_matrices_and_starts_as_the_model():
         assert torch.allclose(llm(llm.embed(ids), mask, labels).loss, expected, atol=1e-6)
     with pytest.raises(ValueError, match="not found in the LLM"):
         attach_lora(tiny_llm().model, LoRAConfig(target_modules=["query"]))
+
+
+def test_lavin_visual_mlp_starts_xavier_with_zero_biases():
+    import math
+
+    from mmtrain.config.schema import ProjectorConfig
+    from mmtrain.models.projector import build_projector
+
+    torch.manual_seed(0)
+    projector = build_projector(1024, 512, ProjectorConfig(kind="mlp", hidden_size=128, activation="silu",
+                                                           init="xavier"))
+    for layer in (projector[0], projector[2]):
+        fan_out, fan_in = layer.weight.shape
+        bound = math.sqrt(6 / (fan_in + fan_out))
+        assert float(layer.weight.abs().max()) <= bound and float(layer.weight.abs().max()) > 0.95 * bound
+        assert not layer.bias.any()
+    assert isinstance(projector[1], torch.nn.SiLU)
+    # The recipes that train LaVIN's visual MLP ask for it.
+    for recipe in ("configs/mma/base.yaml", "configs/mma/vit_base.yaml"):
+        assert "init: xavier" in open(recipe).read()

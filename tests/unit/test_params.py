@@ -88,14 +88,17 @@ def test_vl_pet_bart_base_budget_and_the_papers_accounting():
 def test_vl_pet_t5_base_budget():
     result = count_parameters(load_config(REPO / "configs" / "params" / "vl-pet-t5-base.yaml").model)
     llm = next(r for r in result["components"] if r["component"] == "llm")
-    assert llm["trainable"] == 14_230_272 and llm["total"] - llm["trainable"] == 222_903_552 - 19_200
+    modules = 12 * 2 * 2 * (768 * 192 + 192 + 192 * 768 + 768)  # encoder: adapter + large gate, r = 192
+    values = 12 * (768 * 96 + 96 + 96 * 768 + 768)  # decoder value adapters, r = 96
+    assert llm["trainable"] == modules + values + 19_200 == 16_000_896
+    assert llm["total"] - llm["trainable"] == 222_903_552 - 19_200
 
 
 def test_vl_pet_value_rank_sizes_the_value_adapters_alone():
     path = REPO / "configs" / "params" / "vl-pet-t5-base.yaml"
     default = count_parameters(load_config(path).model)["trainable_by_kind"]
-    official = count_parameters(load_config(path, ["model.llm.vl_pet.value_rank=96"]).model)["trainable_by_kind"]
-    assert official["VL-PET modules"] == default["VL-PET modules"]
+    wider = count_parameters(load_config(path, ["model.llm.vl_pet.value_rank=192"]).model)["trainable_by_kind"]
+    assert wider["VL-PET modules"] == default["VL-PET modules"]
     # 12 decoder layers x (768 -> r -> 768 with biases)
-    assert default["VL-PET value adapters"] == 12 * (768 * 192 + 192 + 192 * 768 + 768)
-    assert official["VL-PET value adapters"] == 12 * (768 * 96 + 96 + 96 * 768 + 768)
+    assert default["VL-PET value adapters"] == 12 * (768 * 96 + 96 + 96 * 768 + 768)
+    assert wider["VL-PET value adapters"] == 12 * (768 * 192 + 192 + 192 * 768 + 768)

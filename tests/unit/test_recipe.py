@@ -253,6 +253,16 @@ def test_config_hash_ignores_bookkeeping_and_the_run_folder_location(tmp_path):
     assert config_hash(moved, moved_root) == original
 
 
+def test_config_hash_is_the_same_for_a_relative_and_an_absolute_output_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write_recipe(tmp_path, TWO_STAGES)
+    absolute = load_recipe(path, output_dir=str(tmp_path / "runs")).stage("finetune")
+    relative = load_recipe(path, output_dir="runs").stage("finetune")
+    assert relative.config.init[0].path != absolute.config.init[0].path
+    assert relative.config_hash == absolute.config_hash
+    assert config_hash(relative.config, "runs") == config_hash(relative.config, tmp_path / "runs")
+
+
 # ---------------------------------------------------------------------------------------------- state, plan
 def fake_done(stage, loss=2.5, evals=None):
     """Make a stage folder look like a completed run (checkpoint, metrics, stage.json)."""

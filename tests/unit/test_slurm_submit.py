@@ -105,6 +105,11 @@ def test_stage_overrides_and_done_stages_are_not_submitted(tmp_path):
     align = pipeline.stages[0]
     align.folder.mkdir(parents=True)
     (align.folder / "stage.json").write_text(json.dumps({"status": "done", "config_hash": align.config_hash}))
+    jobs, _ = plan(pipeline, {}, [], [])  # done, but its eval has no result (added after it ran): submitted
+    assert [j.stage.name for j in jobs] == ["align", "finetune"]
+    for spec in align.evals:
+        align.eval_output(spec).parent.mkdir(parents=True, exist_ok=True)
+        align.eval_output(spec).write_text("{}")
     jobs, _ = plan(pipeline, {}, [], [])
     assert [j.stage.name for j in jobs] == ["finetune"] and jobs[0].depends_on == []
     assert sbatch_command(jobs[0], {}) == ["sbatch", "--parsable", str(jobs[0].script)]

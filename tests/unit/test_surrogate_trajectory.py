@@ -60,6 +60,7 @@ def _direct(model, ids, mask):
     targets[:, :-1] = ids[:, 1:]
     kl = torch.zeros(ids.shape[0], num_layers, dtype=torch.float64)
     q_true = torch.zeros_like(kl)
+    q_at = torch.zeros(*ids.shape, num_layers, dtype=torch.float64)
     for layer in range(num_layers):
         config = model.config.__class__.from_dict({**model.config.to_dict(), "num_hidden_layers": layer + 1})
         truncated = AutoModelForCausalLM.from_config(config).eval()
@@ -70,16 +71,37 @@ def _direct(model, ids, mask):
         true = log_q.gather(2, targets.unsqueeze(2)).squeeze(2).exp()
         kl[:, layer] = (per_position * keep).sum(1) / keep.sum(1)
         q_true[:, layer] = (true * keep).sum(1) / keep.sum(1)
-    p_true = (log_p.gather(2, targets.unsqueeze(2)).squeeze(2).exp() * keep).sum(1) / keep.sum(1)
-    return kl, q_true, p_true
+        q_at[:, :, layer] = true
+    p_at = log_p.gather(2, targets.unsqueeze(2)).squeeze(2).exp()
+    p_true = (p_at * keep).sum(1) / keep.sum(1)
+    return kl, q_true, p_true, _official_true_token_kl(q_at, p_at, keep)
+
+
+def _official_true_token_kl(q_at, p_at, keep):
+    """The grafting paper's trajectory KL, text by text: the true-token probabilities of the layer (q)
+    and of the output (p) over the text's positions, each normalised to sum to 1 and floored at 1e-6,
+    then sum(q log(q / p))."""
+    out = torch.zeros(q_at.shape[0], q_at.shape[2], dtype=torch.float64)
+    for text in range(q_at.shape[0]):
+        p = p_at[text][keep[text]]
+        p = (p / p.sum()).clamp(min=1e-6)
+        for layer in range(q_at.shape[2]):
+            q = q_at[text, :, layer][keep[text]]
+            q = (q / q.sum()).clamp(min=1e-6)
+            out[text, layer] = (q * (q / p).log()).sum()
+    return out
 
 
 # -------------------------------------------------------------------------------------------- the lens
 def test_lens_matches_truncated_models(model, batch):
     seqs, ids, mask = batch
     stats = batch_lens(lens_parts(model), ids, mask)
-    kl, q_true, p_true = _direct(model, ids, mask)
+    kl, q_true, p_true, true_token_kl = _direct(model, ids, mask)
     assert stats["kl"].shape == (4, 6) and stats["kl"].dtype == torch.float64
+    several = torch.tensor([len(s) > 2 for s in seqs])  # one scored position normalises to 1 on both sides: KL 0
+    assert true_token_kl[several, :-1].min() > 1e-3 and true_token_kl[~several].abs().max() < 1e-9
+    torch.testing.assert_close(stats["kl_true_token"], true_token_kl, atol=1e-6, rtol=1e-5)
+    assert stats["kl_true_token"][:, -1].abs().max() < 1e-9
     assert kl[:, :-1].min() > 0.05  # a meaningful comparison: the layers do move the prediction
     torch.testing.assert_close(stats["kl"], kl, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(stats["q_true"], q_true, atol=1e-6, rtol=1e-5)
@@ -142,6 +164,7 @@ def test_dummy_batches_weigh_nothing(model, batch):
     direct = batch_lens(parts, ids, mask)
     assert curves["texts"] == 4 and curves["positions"] == sum(len(s) - 1 for s in seqs)
     assert curves["kl"] == pytest.approx(direct["kl"].mean(0).tolist(), rel=1e-6)
+    assert curves["kl_true_token"] == pytest.approx(direct["kl_true_token"].mean(0).tolist(), rel=1e-5)
     assert curves["output_true_token_prob"] == pytest.approx(float(direct["p_true"].mean()), rel=1e-6)
 
 
@@ -220,10 +243,21 @@ def test_run_writes_json_and_png(saved_model, tmp_path):
     assert saved["texts"] == 20 and saved["num_layers"] == 6 and saved["world_size"] == 1
     assert len(saved["kl"]) == len(saved["true_token_prob"]) == 6 and saved["kl"][-1] == pytest.approx(0, abs=1e-6)
     assert saved["threshold"] == 0.3 and "0.3" in saved["rule"]
-    assert saved["cut"] == propose_cut(saved["kl"], 0.3).cut
-    assert saved["knee_prominence"] == pytest.approx(propose_cut(saved["kl"], 0.3).prominence)
+    # The cut comes from the true-token curve unless --kl full says otherwise.
+    assert saved["cut_curve"] == "true-token" and saved["kl_true_token"][-1] == pytest.approx(0, abs=1e-9)
+    assert saved["cut"] == propose_cut(saved["kl_true_token"], 0.3).cut
+    assert saved["knee_prominence"] == pytest.approx(propose_cut(saved["kl_true_token"], 0.3).prominence)
+    full = run_trajectory(_args(model, texts, tmp_path / "full", threshold=0.3, kl="full"))
+    assert full["cut_curve"] == "full" and full["kl"] == pytest.approx(saved["kl"])
+    assert full["knee_prominence"] == pytest.approx(propose_cut(saved["kl"], 0.3).prominence)
+    with pytest.raises(TrajectoryError, match="--kl"):
+        run_trajectory(_args(model, texts, tmp_path / "bad", kl="vocab"))
     assert saved["params_local_per_rank"] == [saved["params_total"]] and not saved["zero3"]
     assert saved["elapsed_s"] > 0 and "per text" in saved["averaging"]
+    # FLOPs counted as it ran: more than the lens's LM head at every layer and scored position alone
+    config = json.loads((model / "config.json").read_text())
+    lens = 2 * config["vocab_size"] * config["hidden_size"] * config["num_hidden_layers"] * saved["positions"]
+    assert lens < saved["flops"] < 100 * lens
     png = (tmp_path / "out" / "trajectory.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["trajectory.json", "trajectory.png"]
@@ -237,6 +271,7 @@ def test_batching_does_not_change_the_curve(saved_model, tmp_path):
     one = run_trajectory(_args(model, texts, tmp_path / "a", batch_size=1))
     many = run_trajectory(_args(model, texts, tmp_path / "b", batch_size=8))
     assert many["kl"] == pytest.approx(one["kl"], rel=1e-5, abs=1e-7)
+    assert many["kl_true_token"] == pytest.approx(one["kl_true_token"], rel=1e-5, abs=1e-7)
     assert many["positions"] == one["positions"]
 
 

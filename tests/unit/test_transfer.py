@@ -202,6 +202,43 @@ def test_speedup_matches_the_paper_definition(tmp_path):
     assert s.tfs_final == 2.2 and s.vt_final == 1.8 and s.vt_best == 1.8
 
 
+def _ledger_stage(folder: Path, flops_per_epoch: float, epochs: int) -> None:
+    """The stage's ledger records: a validation after every epoch (step k), the FLOPs spent so far."""
+    from mmtrain.cost.ledger import Ledger
+
+    ledger = Ledger(path=folder.parent / "ledger.jsonl", run=folder.parent.name, stage=folder.name[3:],
+                    attempt=folder.name, job={})
+    ledger.write("process_start", kind="train", rank=0, world_size=1, output_dir=str(folder))
+    for k in range(1, epochs + 1):
+        counters = {"step_start": 0, "step_end": k, "flops": k * flops_per_epoch, "train_s": 1.0}
+        ledger.write("validation", rank=0, world_size=1, step=k, metrics={}, **counters)
+    ledger.write("process_end", kind="train", rank=0, world_size=1, outcome="completed", **counters)
+
+
+def test_speedup_in_flops_from_the_ledgers(tmp_path):
+    _stage(tmp_path / "tfs" / "01-tfs", "big", [4.0, 3.0, 2.5, 2.0, 2.2])
+    _stage(tmp_path / "vt" / "01-source", "small", [3.0, 2.0])
+    _stage(tmp_path / "vt" / "02-warmup", "big", [2.4])
+    _stage(tmp_path / "vt" / "03-finetune", "big", [2.1, 1.9, 1.8])
+    _ledger_stage(tmp_path / "tfs" / "01-tfs", 100.0, 5)
+    _ledger_stage(tmp_path / "vt" / "01-source", 30.0, 2)
+    _ledger_stage(tmp_path / "vt" / "02-warmup", 60.0, 1)  # the projector alone trains: cheaper steps
+    _ledger_stage(tmp_path / "vt" / "03-finetune", 100.0, 3)
+    from mmtrain.cost.curve import folder_compute
+
+    vt, tfs = read_curve(tmp_path / "vt", folder_compute), read_curve(tmp_path / "tfs", folder_compute)
+    assert [p.flops for p in vt.points] == [60.0, 160.0, 260.0, 360.0] and vt.prior_flops == 60.0
+    s = metric_speedup(vt, tfs, "val_loss")
+    assert (s.tfs_flops, s.vt_flops) == (400.0, 260.0)
+    assert s.speedup_flops == pytest.approx(400 / 260) and s.speedup_flops_with_source == pytest.approx(400 / 320)
+    report = format_report(speedup_report(tmp_path / "vt", tmp_path / "tfs", compute_of=folder_compute))
+    assert "FLOPs" in report and "1.54x" in report
+    # Without ledgers (older runs) the FLOPs ratios are unknown, the rest unchanged.
+    (tmp_path / "tfs" / "ledger.jsonl").unlink()
+    s = metric_speedup(vt, read_curve(tmp_path / "tfs", folder_compute), "val_loss")
+    assert s.speedup_flops is None and s.speedup_epochs == pytest.approx(4 / 3)
+
+
 def test_speedup_never_reached_and_higher_is_better(tmp_path):
     _stage(tmp_path / "tfs", "big", [3.0, 2.0, 1.0])
     _stage(tmp_path / "vt", "big", [2.5, 1.5, 1.2], cpu=False)  # written before CPU time was recorded
@@ -254,3 +291,14 @@ def test_embedding_table_is_read_from_the_checkpoint_alone(tmp_path):
         read_embedding_table(odd)
     with pytest.raises(EmbeddingReadError, match="no model.safetensors"):
         read_embedding_table(tmp_path)
+
+
+def test_plateau_rule():
+    from mmtrain.methods.vpgtrans.speedup import plateaued
+
+    assert not plateaued([5.0, 4.0, 3.5, 3.2], patience=3, min_improvement=0.005)
+    # 3.19 is less than 0.5% below 3.2, then two worse epochs: three epochs without a real improvement
+    assert plateaued([5.0, 4.0, 3.2, 3.19, 3.25, 3.3], patience=3, min_improvement=0.005)
+    assert not plateaued([5.0, 4.0, 3.2, 3.19, 3.25, 3.1], patience=3, min_improvement=0.005)
+    assert not plateaued([3.0, 3.0, 3.0], patience=3, min_improvement=0.0)  # too short to tell
+    assert plateaued([0.1, 0.5, 0.5, 0.49, 0.5], patience=3, min_improvement=0.01, lower=False)

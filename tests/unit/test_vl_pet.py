@@ -16,7 +16,8 @@ from mmtrain.methods.vl_pet.method import attach_to_llm
 from mmtrain.models.seq2seq import Seq2SeqLM, build_seq2seq_llm, pack
 from mmtrain.models.trainability import ADAPTER_FLAG, _adapter_parameters
 from mmtrain.methods.vl_pet.modules import (
-    GATES, LargeGate, MiddleXGate, MiddleYGate, SmallGate, ValueAdapter, VLPETModule, attach_vl_pet, vl_pet_defaults,
+    GATES, LargeGate, MiddleXGate, MiddleYGate, SmallGate, ValueAdapter, VLPETModule, attach_vl_pet,
+    gate_and_value_ranks, vl_pet_defaults,
 )
 
 PAD, EOS, START = 2, 1, 2
@@ -111,7 +112,9 @@ def test_gate_formulas():
     middle_x = MiddleXGate(8, 0.5)
     assert torch.allclose(middle_x(x, h), 0.5 * torch.sigmoid(middle_x.proj(x + h)))
     middle_y = MiddleYGate(8)
-    assert torch.equal(middle_y(x, h), (1 + middle_y.z).view(1, 1, 8))  # no sigmoid, no scale
+    assert torch.equal(middle_y(x, h), (1 + middle_y.z).view(1, 1, 8))  # no sigmoid
+    scaled = MiddleYGate(8, 0.3)  # the official code scales every gated output by s, middle_y's too
+    assert torch.allclose(scaled(x, h), 0.3 * (1 + scaled.z).view(1, 1, 8))
     module = VLPETModule(8, 4, 2, "middle_y", 4, 1.0)
     h_prime = h + module.up(gelu(torch.cat([d(h) for d in module.down], dim=-1)))
     assert torch.allclose(module(x, h), h_prime * (1 + module.gate.z))
@@ -129,9 +132,17 @@ def test_small_gate_averages_over_real_tokens_only():
     assert torch.allclose(gate(x, h, mask)[0], alone[0])
 
 
+def test_value_adapter_is_swish():
+    torch.manual_seed(0)
+    adapter = ValueAdapter(8, 6, 4)
+    e = torch.randn(2, 3, 8)
+    assert torch.allclose(adapter(e), adapter.up(torch.nn.functional.silu(adapter.down(e))))
+
+
 def test_defaults_per_model_type():
     assert vl_pet_defaults("bart") == (96, 1.0)
     assert vl_pet_defaults("t5") == (192, 0.3)
+    assert gate_and_value_ranks("bart") == (96, 96) and gate_and_value_ranks("t5") == (192, 96)
     assert vl_pet_defaults("mt5") == (192, 0.3)
     with pytest.raises(ValueError, match="llama"):
         vl_pet_defaults("llama")
@@ -269,7 +280,9 @@ def test_modules_sit_after_self_attention_and_ffn_and_on_every_cross_attention_v
             layer.self_attn.register_forward_hook(record("attn"), with_kwargs=True)
             layer.fc1.register_forward_pre_hook(record_input("fc1_in"))
             layer.fc2.register_forward_hook(record("fc2"), with_kwargs=True)
-        else:
+        else:  # T5: the gates read the un-normed residual stream entering the layer wrapper
+            layer.layer[0].register_forward_pre_hook(record_input("attn_in"))
+            layer.layer[-1].register_forward_pre_hook(record_input("ffn_in"))
             layer.layer[0].SelfAttention.register_forward_hook(record("attn"), with_kwargs=True)
             layer.layer[-1].DenseReluDense.register_forward_hook(record("ffn"), with_kwargs=True)
     for cross in cross_attentions(model):
@@ -292,12 +305,15 @@ def test_modules_sit_after_self_attention_and_ffn_and_on_every_cross_attention_v
     llm = Seq2SeqLM(model)
     llm(llm.embed(input_ids), attention_mask, labels)
     assert len(calls["vl_pet_attn"]) == len(calls["vl_pet_ffn"]) == 2 and len(calls["value"]) == 2
-    for (x, h), (mx, mh) in zip(seen["attn"], calls["vl_pet_attn"]):
-        assert x is mx and torch.equal(h, mh)
     if model_type == "bart":
+        attn = seen["attn"]
         ffn = list(zip(seen["fc1_in"], [h for _, h in seen["fc2"]]))
     else:
-        ffn = seen["ffn"]
+        attn = list(zip(seen["attn_in"], [h for _, h in seen["attn"]]))
+        ffn = list(zip(seen["ffn_in"], [h for _, h in seen["ffn"]]))
+        assert not torch.equal(seen["attn_in"][0], seen["attn"][0][0])  # the wrapper's input, not the normed one
+    for (x, h), (mx, mh) in zip(attn, calls["vl_pet_attn"]):
+        assert x is mx and torch.equal(h, mh)
     for (x, h), (mx, mh) in zip(ffn, calls["vl_pet_ffn"]):
         assert x is mx and torch.equal(h, mh)
     for (e, _), me in zip(seen["v"], calls["value"]):

@@ -33,6 +33,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     traj.add_argument("--deepspeed", default=None,
                       help="a ZeRO-3 DeepSpeed JSON: shard the model across the launched ranks")
     traj.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    traj.add_argument("--kl", choices=("true-token", "full"), default="true-token",
+                      help="the KL curve the cut uses: true-token (the official quantity: position-normalised "
+                           "true-token probabilities) or full (full-vocabulary KL per position)")
 
     build = sub.add_parser("build", help="stream the target's checkpoint into a surrogate folder")
     build.add_argument("target", help="the target LLM's folder (or asset:NAME): config.json + safetensors")

@@ -8,9 +8,14 @@ model's own output distribution p (q_{L-1} = p). Early layers are far from p; at
 transition the KL drops, then it converges smoothly to 0. The layers after the transition refine
 an already-formed prediction and are the ones a translator replaces cheaply.
 
-Averaging: at every position with a true next token (non-padding, not the last of its text), per
-text the mean over its positions, then the mean over texts. The mean probability q_l (and p) gives
-the true next token is reported beside the KL; the cut uses the KL (`propose_cut`).
+Two KL curves are measured; `--kl` picks the one the cut uses (`propose_cut`):
+- `true-token` (the default; the official code's quantity): per text, the vectors of the
+  probabilities q_l and p give the true next token at each of its positions are each normalised
+  over the positions (clamped at 1e-6), and KL(q~_l || p~) is summed over the positions; then the
+  mean over texts.
+- `full`: the full-vocabulary KL(q_l || p) at every position with a true next token, per text the
+  mean over its positions, then the mean over texts.
+The mean probability q_l (and p) gives the true next token is reported beside both.
 
 `run_trajectory` is `mmtrain surrogate trajectory` (single process, or sharded under ZeRO-3 with
 the texts split across the launched ranks). See docs/surrogates.md, "Trajectory and the cut rule".
@@ -30,6 +35,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from mmtrain.data.corpus import CorpusError, corpus_texts
 from mmtrain.engine.ds_config import DeepSpeedConfigError
@@ -40,6 +46,10 @@ from mmtrain.utils.io import atomic_write_bytes, atomic_write_json
 
 DEFAULT_THRESHOLD = 0.1
 """The cut rule's default: the smallest knee prominence (fraction of the largest KL) that counts as a transition."""
+TRUE_TOKEN_FLOOR = 1e-6
+"""The official true-token KL clamps the position-normalised probabilities here (no log of 0)."""
+KL_CURVES = {"true-token": "kl_true_token", "full": "kl"}
+"""`--kl` choice -> the result key of the curve the cut uses."""
 CHUNK_ELEMENTS = 1 << 25
 """Logits computed at once ([positions, vocab] float32, 128 MiB): bounds memory for large vocabularies."""
 
@@ -189,9 +199,11 @@ def batch_lens(parts: LensParts, input_ids: torch.Tensor, attention_mask: torch.
                chunk_elements: int = CHUNK_ELEMENTS) -> dict[str, torch.Tensor]:
     """Per-text means of the lens statistics of one right-padded batch (float64, on CPU).
 
-    Returns `kl` [B, L] (KL(q_l || p) per layer), `q_true` [B, L] (q_l's probability of the true
-    next token), `p_true` [B] (p's), `positions` [B] (scored positions per text). A text without a
-    scored position has zeros. `gather` wraps the norm and LM head use (ZeRO-3: GatheredParameters).
+    Returns `kl` [B, L] (full-vocabulary KL(q_l || p) per layer, mean over positions), `kl_true_token`
+    [B, L] (the KL between the position-normalised true-token probabilities of q_l and p), `q_true`
+    [B, L] (q_l's mean probability of the true next token), `p_true` [B] (p's), `positions` [B]
+    (scored positions per text). A text without a scored position has zeros. `gather` wraps the
+    norm and LM head use (ZeRO-3: GatheredParameters).
     """
     keep = scored_positions(attention_mask)
     capture = _Capture(parts, keep)
@@ -208,6 +220,8 @@ def batch_lens(parts: LensParts, input_ids: torch.Tensor, attention_mask: torch.
     kl = torch.zeros(batch, num_layers, dtype=torch.float64, device=input_ids.device)
     q_true = torch.zeros_like(kl)
     p_true = torch.zeros(batch, dtype=torch.float64, device=input_ids.device)
+    q_at = torch.zeros(final.shape[0], num_layers, dtype=torch.float64, device=input_ids.device)
+    p_at = torch.zeros(final.shape[0], dtype=torch.float64, device=input_ids.device)
     vocab = parts.head.weight.ds_shape[0] if hasattr(parts.head.weight, "ds_shape") else parts.head.weight.shape[0]
     step = max(1, chunk_elements // max(1, vocab))
     with gather():
@@ -217,17 +231,34 @@ def batch_lens(parts: LensParts, input_ids: torch.Tensor, attention_mask: torch.
             span = slice(start, start + step)
             idx, tgt = rows[span], targets[span].unsqueeze(1)
             log_p = _log_probs(parts, final[span], normed=True)
-            p_true.index_add_(0, idx, log_p.gather(1, tgt).squeeze(1).exp().double())
+            p_at[span] = log_p.gather(1, tgt).squeeze(1).exp().double()
             for layer, hidden in enumerate(capture.outputs[:-1]):
                 log_q = _log_probs(parts, hidden[span], normed=False)
                 per_position = (log_q.exp() * (log_q - log_p)).sum(dim=-1)
                 kl[:, layer].index_add_(0, idx, per_position.double())
-                q_true[:, layer].index_add_(0, idx, log_q.gather(1, tgt).squeeze(1).exp().double())
+                q_at[span, layer] = log_q.gather(1, tgt).squeeze(1).exp().double()
                 del log_q, per_position
+    q_true.index_add_(0, rows, q_at)
+    p_true.index_add_(0, rows, p_at)
     positions = keep.sum(dim=1).double()
     denom = positions.clamp(min=1.0)
-    return {"kl": (kl / denom.unsqueeze(1)).cpu(), "q_true": (q_true / denom.unsqueeze(1)).cpu(),
-            "p_true": (p_true / denom).cpu(), "positions": positions.cpu()}
+    return {"kl": (kl / denom.unsqueeze(1)).cpu(), "kl_true_token": _true_token_kl(q_at, p_at, rows, batch).cpu(),
+            "q_true": (q_true / denom.unsqueeze(1)).cpu(), "p_true": (p_true / denom).cpu(),
+            "positions": positions.cpu()}
+
+
+def _true_token_kl(q_at: torch.Tensor, p_at: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
+    """[B, L]: per text, KL(q~_l || p~) of the true-token probabilities normalised over its positions.
+
+    `q_at` [P, L] and `p_at` [P] are the probabilities at the batch's P scored positions; `rows` [P]
+    names each position's text.
+    """
+    q_sum = torch.zeros(batch, q_at.shape[1], dtype=q_at.dtype, device=q_at.device).index_add_(0, rows, q_at)
+    p_sum = torch.zeros(batch, dtype=p_at.dtype, device=p_at.device).index_add_(0, rows, p_at)
+    q = (q_at / q_sum[rows]).clamp(min=TRUE_TOKEN_FLOOR)
+    p = (p_at / p_sum[rows]).clamp(min=TRUE_TOKEN_FLOOR).unsqueeze(1)
+    out = torch.zeros(batch, q_at.shape[1], dtype=q_at.dtype, device=q_at.device)
+    return out.index_add_(0, rows, q * (q / p).log())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -279,12 +310,12 @@ def rank_batches(seqs: Sequence[list[int]], rank: int, world_size: int,
 def accumulate(parts: LensParts, batches: Sequence[tuple[list[list[int]], bool]], pad_id: int,
                device: torch.device, gather: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                chunk_elements: int = CHUNK_ELEMENTS, progress: bool = False) -> torch.Tensor:
-    """Float64 sums over this rank's texts: [kl (L), q_true (L), p_true, texts, positions].
+    """Float64 sums over this rank's texts: [kl (L), q_true (L), kl_true_token (L), p_true, texts, positions].
 
     `progress`: print a line about every tenth of the batches (long runs on CPU take tens of minutes).
     """
     num_layers = len(parts.layers)
-    sums = torch.zeros(2 * num_layers + 3, dtype=torch.float64)
+    sums = torch.zeros(3 * num_layers + 3, dtype=torch.float64)
     started, every = time.time(), max(1, len(batches) // 10)
     for index, (seqs, real) in enumerate(batches):
         if progress and index % every == 0:
@@ -295,6 +326,7 @@ def accumulate(parts: LensParts, batches: Sequence[tuple[list[list[int]], bool]]
             continue
         sums[:num_layers] += stats["kl"].sum(0)
         sums[num_layers:2 * num_layers] += stats["q_true"].sum(0)
+        sums[2 * num_layers:3 * num_layers] += stats["kl_true_token"].sum(0)
         sums[-3] += stats["p_true"].sum()
         sums[-2] += float((stats["positions"] > 0).sum())
         sums[-1] += stats["positions"].sum()
@@ -309,6 +341,7 @@ def curves_from_sums(sums: torch.Tensor, num_layers: int) -> dict[str, Any]:
     return {
         "kl": [float(v) / texts for v in sums[:num_layers]],
         "true_token_prob": [float(v) / texts for v in sums[num_layers:2 * num_layers]],
+        "kl_true_token": [float(v) / texts for v in sums[2 * num_layers:3 * num_layers]],
         "output_true_token_prob": float(sums[-3]) / texts,
         "texts": int(texts),
         "positions": int(sums[-1]),
@@ -411,15 +444,20 @@ def plot_trajectory(result: dict[str, Any], path: str | Path) -> None:
     # heavy: only when a plot is drawn
     import matplotlib.pyplot as plt
 
-    kl, last = result["kl"], len(result["kl"]) - 1
+    last = len(result["kl"]) - 1
     fig, (ax_kl, ax_p) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, height_ratios=(2, 1))
-    # The last layer's KL is 0 by construction (q_{L-1} = p): off a log axis.
-    shown = [i for i, v in enumerate(kl) if v > 0]
-    ax_kl.semilogy(shown, [kl[i] for i in shown], "o-", ms=3)
+    used = result.get("cut_curve", "full")
+    for choice, key in KL_CURVES.items():
+        if key not in result:
+            continue
+        # The last layer's KL is 0 by construction (q_{L-1} = p): off a log axis.
+        shown = [i for i, v in enumerate(result[key]) if v > 0]
+        ax_kl.semilogy(shown, [result[key][i] for i in shown], "o-" if choice == used else "o:", ms=3,
+                       label=f"{choice} KL" + (" (cut)" if choice == used else ""))
     ax_kl.set_ylabel("KL(q_l || p), nats")
     ax_kl.set_title(f"{Path(result['model']).name}: logit-lens KL to the output, {result['texts']} texts, "
                     f"{result['positions']} positions (layer {last}: 0)", fontsize=9)
-    ax_p.plot(range(len(kl)), result["true_token_prob"], "o-", ms=3, color="tab:green", label="q_l")
+    ax_p.plot(range(last + 1), result["true_token_prob"], "o-", ms=3, color="tab:green", label="q_l")
     ax_p.axhline(result["output_true_token_prob"], color="gray", ls=":", label="p (output)")
     ax_p.set_ylabel("P(true next token)")
     ax_p.set_xlabel("decoder layer l")
@@ -472,6 +510,9 @@ def run_trajectory(args: Any) -> dict[str, Any]:
         raise TrajectoryError("no --texts given")
     if args.threshold is not None:
         _check_threshold(args.threshold)  # before the (long) run
+    kl_choice = getattr(args, "kl", None) or "true-token"
+    if kl_choice not in KL_CURVES:
+        raise TrajectoryError(f"--kl must be one of {', '.join(KL_CURVES)}, got {kl_choice!r}")
     try:
         texts = corpus_texts(args.texts)
     except CorpusError as exc:
@@ -485,11 +526,16 @@ def run_trajectory(args: Any) -> dict[str, Any]:
     local_params, total_params = parameter_counts(loaded.model)
 
     batches = rank_batches(seqs, loaded.rank, loaded.world_size, args.batch_size)
-    sums = accumulate(parts, batches, pad_id, loaded.device, _gather_lens_weights(parts, loaded.zero3),
-                      progress=loaded.rank == 0)
-    sums = _all_reduce(sums, loaded.world_size, loaded.device)
+    # The FLOPs it costs (the forwards and the lens at every layer), counted as they run: a method's
+    # total cost includes choosing its cut.
+    with FlopCounterMode(display=False) as counter:
+        sums = accumulate(parts, batches, pad_id, loaded.device, _gather_lens_weights(parts, loaded.zero3),
+                          progress=loaded.rank == 0)
+    sums = _all_reduce(torch.cat([sums, torch.tensor([float(counter.get_total_flops())], dtype=torch.float64)]),
+                       loaded.world_size, loaded.device)
+    flops, sums = float(sums[-1]), sums[:-1]
     curves = curves_from_sums(sums, len(parts.layers))
-    proposal = propose_cut(curves["kl"], args.threshold)
+    proposal = propose_cut(curves[KL_CURVES[kl_choice]], args.threshold)
     result = {
         "model": str(model_dir.resolve()),
         "model_type": loaded.model.config.model_type,
@@ -497,6 +543,8 @@ def run_trajectory(args: Any) -> dict[str, Any]:
         **{k: curves[k] for k in ("texts", "positions")},
         "max_length": args.max_length,
         "averaging": "per text: mean over its positions that have a true next token; then mean over texts",
+        "cut_curve": kl_choice,
+        "kl_true_token": curves["kl_true_token"],
         "kl": curves["kl"],
         "true_token_prob": curves["true_token_prob"],
         "output_true_token_prob": curves["output_true_token_prob"],
@@ -511,6 +559,7 @@ def run_trajectory(args: Any) -> dict[str, Any]:
         "params_total": total_params,
         "params_local_per_rank": _all_gather_int(local_params, loaded.world_size, loaded.device),
         "texts_sources": [str(t) for t in args.texts],
+        "flops": flops,
         "elapsed_s": round(time.time() - started, 2),
     }
     if loaded.rank == 0:

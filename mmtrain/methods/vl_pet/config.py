@@ -17,11 +17,11 @@ class VLPETConfig:
     rank: int | None = None
     """Bottleneck width r of the encoder modules (default: 96 BART, 192 T5)."""
     value_rank: int | None = None
-    """Bottleneck width of the decoder's value adapters (default: `rank`; the official T5 script: 96)."""
+    """Bottleneck width of the decoder's value adapters (default: 96, the official BART and T5 scripts)."""
     heads: int = 4
     """Heads N_h of the multi-head down-projection (each d -> r / N_h)."""
-    gate_rank: int = 96
-    """Low rank of the `large` gate."""
+    gate_rank: int | None = None
+    """Low rank of the `large` gate (default: 96 BART, 192 T5, as the official scripts)."""
     gate_scale: float | None = None
     """s in the gates (default: 1 BART, 0.3 T5)."""
     train_encoder_norms: bool = True

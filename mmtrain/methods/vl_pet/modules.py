@@ -63,6 +63,8 @@ BART_TYPES = frozenset({"bart"})
 T5_TYPES = frozenset({"t5", "mt5"})
 # (rank r, gate scale s) of the paper's BART-base and T5-base setups.
 _DEFAULTS = {"bart": (96, 1.0), "t5": (192, 0.3)}
+# The official scripts' (large gate's rank, value adapters' rank): BART-base 96 / 96, T5-base 192 / 96.
+_GATE_AND_VALUE_RANKS = {"bart": (96, 96), "t5": (192, 96)}
 MIDDLE_Y_STD = 0.02
 
 
@@ -78,6 +80,11 @@ def _family(model_type: str) -> str:
 def vl_pet_defaults(model_type: str) -> tuple[int, float]:
     """The paper's (rank r, gate scale s) for a model type: (96, 1.0) for BART, (192, 0.3) for T5."""
     return _DEFAULTS[_family(model_type)]
+
+
+def gate_and_value_ranks(model_type: str) -> tuple[int, int]:
+    """The official scripts' (gate rank, value-adapter rank): (96, 96) for BART, (192, 96) for T5."""
+    return _GATE_AND_VALUE_RANKS[_family(model_type)]
 
 
 def _gelu(x: torch.Tensor) -> torch.Tensor:
@@ -116,15 +123,20 @@ class MiddleXGate(nn.Module):
 
 
 class MiddleYGate(nn.Module):
-    """G = 1 + z: one value per channel, shared by all tokens and samples ([1, 1, d])."""
+    """G = s * (1 + z): one value per channel, shared by all tokens and samples ([1, 1, d]).
 
-    def __init__(self, dim: int) -> None:
+    No sigmoid (the paper's figure has one, the official code does not); the official code scales
+    every gated output by s, this one included (s = 1 on BART, 0.3 on T5).
+    """
+
+    def __init__(self, dim: int, scale: float = 1.0) -> None:
         super().__init__()
         self.z = nn.Parameter(torch.empty(dim))
         nn.init.normal_(self.z, std=MIDDLE_Y_STD)
+        self.scale = scale
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return (1 + self.z).view(1, 1, -1)
+        return self.scale * (1 + self.z).view(1, 1, -1)
 
     def output_layers(self) -> list[nn.Linear]:
         return []
@@ -158,7 +170,7 @@ def build_gate(kind: str, dim: int, gate_rank: int, scale: float) -> nn.Module |
     if kind == "middle_x":
         return MiddleXGate(dim, scale)
     if kind == "middle_y":
-        return MiddleYGate(dim)
+        return MiddleYGate(dim, scale)
     if kind == "small":
         return SmallGate(dim, scale)
     if kind == "none":
@@ -192,7 +204,11 @@ class VLPETModule(nn.Module):
 
 
 class ValueAdapter(nn.Module):
-    """The parallel adapter of a cross-attention value projection: returns `W_up GELU(W_down E)`."""
+    """The parallel adapter of a cross-attention value projection: returns `W_up SiLU(W_down E)`.
+
+    SiLU ("swish"): the official code builds these adapters with its plain adapter class, whose
+    non-linearity is swish, not the modules' GELU.
+    """
 
     def __init__(self, in_dim: int, out_dim: int, rank: int) -> None:
         super().__init__()
@@ -200,7 +216,7 @@ class ValueAdapter(nn.Module):
         self.up = nn.Linear(rank, out_dim)
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
-        return self.up(_gelu(self.down(e)))
+        return self.up(F.silu(self.down(e)))
 
     def output_layers(self) -> list[nn.Linear]:
         return [self.up]
@@ -287,6 +303,22 @@ def _sublayer_hook(module: VLPETModule, masks: _EncoderMask):
     return hook
 
 
+def _residual_input_hooks(module: VLPETModule, masks: _EncoderMask):
+    """T5: the gate's X is the un-normed residual stream entering the layer wrapper (T5LayerSelfAttention,
+    T5LayerFF; recorded by a pre-hook on it), as in the official code; H is the sub-layer's output."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def before_wrapper(_wrapper: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen["x"] = args[0] if args else kwargs["hidden_states"]
+
+    def after_sublayer(_sub: nn.Module, _args: tuple, _kwargs: dict, output):
+        h = output[0] if isinstance(output, tuple) else output
+        out = module(seen.pop("x"), h, masks.matching(h))
+        return (out, *output[1:]) if isinstance(output, tuple) else out
+
+    return before_wrapper, after_sublayer
+
+
 def _split_ffn_hooks(module: VLPETModule, masks: _EncoderMask):
     """BART's FFN is inline: X is recorded when `fc1` starts, H replaced when `fc2` returns."""
     seen: dict[str, torch.Tensor] = {}
@@ -342,8 +374,8 @@ def attach_vl_pet(model: nn.Module, cfg: VLPETConfig) -> AttachedVLPET:
 
     Args:
         model: e.g. `T5ForConditionalGeneration` or `BartForConditionalGeneration`.
-        cfg: granularity, rank (None: the model type's default), value-adapter rank (None: the
-            same), heads, gate rank and scale.
+        cfg: granularity, rank, value-adapter rank, heads, gate rank and scale (None: the official
+            setting for the model type).
 
     Returns:
         The handle; its modules are flagged with `mark_adapter` (as are the encoder LayerNorms
@@ -354,6 +386,9 @@ def attach_vl_pet(model: nn.Module, cfg: VLPETConfig) -> AttachedVLPET:
     default_rank, default_scale = vl_pet_defaults(model_type)
     rank = cfg.rank if cfg.rank is not None else default_rank
     scale = cfg.gate_scale if cfg.gate_scale is not None else default_scale
+    default_gate_rank, default_value_rank = gate_and_value_ranks(model_type)
+    gate_rank = cfg.gate_rank if cfg.gate_rank is not None else default_gate_rank
+    value_rank = cfg.value_rank if cfg.value_rank is not None else default_value_rank
     if cfg.gate not in GATES:
         raise ValueError(f"model.llm.vl_pet.gate={cfg.gate!r}: choose one of {', '.join(GATES)}")
     dim = model.config.d_model
@@ -361,7 +396,7 @@ def attach_vl_pet(model: nn.Module, cfg: VLPETConfig) -> AttachedVLPET:
     attached = AttachedVLPET()
 
     def new_module(reference: nn.Module) -> VLPETModule:
-        return _like(VLPETModule(dim, rank, cfg.heads, cfg.gate, cfg.gate_rank, scale), reference)
+        return _like(VLPETModule(dim, rank, cfg.heads, cfg.gate, gate_rank, scale), reference)
 
     def add(parent: nn.Module, name: str, module: nn.Module) -> None:
         if hasattr(parent, name):
@@ -381,19 +416,22 @@ def attach_vl_pet(model: nn.Module, cfg: VLPETConfig) -> AttachedVLPET:
                 before_fc1, after_fc2 = _split_ffn_hooks(layer.vl_pet_ffn, masks)
                 attached.handles.append(fc1.register_forward_pre_hook(before_fc1))
                 attached.handles.append(fc2.register_forward_hook(after_fc2))
+                attached.handles.append(attn.register_forward_hook(_sublayer_hook(layer.vl_pet_attn, masks),
+                                                                   with_kwargs=True))
             else:
                 attn = _require(layer, "layer.0.SelfAttention", model_type)
                 ffn = _require(layer, "layer.-1.DenseReluDense", model_type)
                 add(layer, "vl_pet_attn", new_module(attn))
                 add(layer, "vl_pet_ffn", new_module(ffn))
-                attached.handles.append(ffn.register_forward_hook(_sublayer_hook(layer.vl_pet_ffn, masks),
-                                                                  with_kwargs=True))
-            attached.handles.append(attn.register_forward_hook(_sublayer_hook(layer.vl_pet_attn, masks),
-                                                               with_kwargs=True))
+                for wrapper, sublayer, module in ((layer.layer[0], attn, layer.vl_pet_attn),
+                                                  (layer.layer[-1], ffn, layer.vl_pet_ffn)):
+                    before, after = _residual_input_hooks(module, masks)
+                    attached.handles.append(wrapper.register_forward_pre_hook(before, with_kwargs=True))
+                    attached.handles.append(sublayer.register_forward_hook(after, with_kwargs=True))
         for layer in _decoder_layers(model, family):
             cross = _require(layer, "encoder_attn" if family == "bart" else "layer.1.EncDecAttention", model_type)
             proj = _require(cross, "v_proj" if family == "bart" else "v", model_type)
-            adapter = _like(ValueAdapter(proj.in_features, proj.out_features, cfg.value_rank or rank), proj)
+            adapter = _like(ValueAdapter(proj.in_features, proj.out_features, value_rank), proj)
             add(cross, "vl_pet_value", adapter)
             attached.handles.append(proj.register_forward_hook(_value_hook(adapter)))
         if cfg.train_encoder_norms:

@@ -96,10 +96,11 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _speedup(args: argparse.Namespace) -> int:
     # dispatch: import only what this command runs
+    from mmtrain.cost.curve import folder_compute
     from mmtrain.methods.vpgtrans.speedup import format_report, speedup_report
     from mmtrain.utils.io import atomic_write_json
 
-    report = speedup_report(args.vpgtrans_run, args.tfs_run, args.metric)
+    report = speedup_report(args.vpgtrans_run, args.tfs_run, args.metric, compute_of=folder_compute)
     print(format_report(report))
     if args.out:
         atomic_write_json(args.out, report)

@@ -150,14 +150,23 @@ def fit_word_converter(source_table: torch.Tensor, target_table: torch.Tensor, p
         return (_rows(source_table, [pairs.source_ids[i] for i in indices], "source"),
                 _rows(target_table, [pairs.target_ids[i] for i in indices], "target"))
 
+    def cosine_and_pairs(indices: list[int]) -> tuple[float, int]:
+        # batch by batch: a large corpus's rows (millions of tokens x two widths) never sit in memory at once
+        total, count = 0.0, 0
+        for batch in _batches(indices, settings.batch_size):
+            src, tgt = rows(batch)
+            if src.shape[0]:
+                total += mean_cosine(converter, src, tgt) * src.shape[0]
+                count += src.shape[0]
+        return (total / count if count else float("nan")), count
+
     generator = torch.Generator().manual_seed(settings.seed)
     converter = torch.nn.Linear(source_table.shape[1], target_table.shape[1])
     with torch.no_grad():  # nn.Linear's own initialisation, drawn from the seeded generator
         bound = 1.0 / math.sqrt(source_table.shape[1])
         converter.weight.uniform_(-bound, bound, generator=generator)
         converter.bias.uniform_(-bound, bound, generator=generator)
-    held_src, held_tgt = rows(heldout)
-    initial = mean_cosine(converter, held_src, held_tgt)
+    initial, pairs_heldout = cosine_and_pairs(heldout)
     optimizer = torch.optim.SGD(converter.parameters(), lr=settings.lr)
     shuffler = random.Random(settings.seed + 1)
     steps = 0
@@ -172,13 +181,13 @@ def fit_word_converter(source_table: torch.Tensor, target_table: torch.Tensor, p
             steps += 1
         if log is not None:
             log(f"word converter epoch {epoch + 1}/{settings.epochs}: last batch loss {float(loss):.4f}")
-    train_src, train_tgt = rows(train)
+    train_cosine, pairs_train = cosine_and_pairs(train)
     report = FitReport(
         same_tokenizer=pairs.same_tokenizer, texts_total=pairs.texts_total, texts_kept=pairs.texts_kept,
-        texts_train=len(train), texts_heldout=len(heldout), pairs_train=int(train_src.shape[0]),
-        pairs_heldout=int(held_src.shape[0]), epochs=settings.epochs, steps=steps,
-        heldout_cosine_initial=initial, heldout_cosine=mean_cosine(converter, held_src, held_tgt),
-        train_cosine=mean_cosine(converter, train_src, train_tgt), fit_seconds=time.perf_counter() - started,
+        texts_train=len(train), texts_heldout=len(heldout), pairs_train=pairs_train,
+        pairs_heldout=pairs_heldout, epochs=settings.epochs, steps=steps,
+        heldout_cosine_initial=initial, heldout_cosine=cosine_and_pairs(heldout)[0],
+        train_cosine=train_cosine, fit_seconds=time.perf_counter() - started,
         settings={k: v for k, v in asdict(settings).items() if k in ("lr", "batch_size", "epochs", "holdout", "seed")},
     )
     return converter, report

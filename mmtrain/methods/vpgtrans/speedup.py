@@ -10,7 +10,11 @@ The paper's definition, per metric: TFS reaches its best score p at epoch e_tfs;
 reaches p (or better) at epoch e_vt; speed-up = e_tfs / e_vt. In compute: TFS's compute up to e_tfs
 over VPGTrans's up to e_vt, everything counted (model loading, the word converter's fit, the
 warm-up stage, checkpoints; validation excluded). Compute is processes x wall seconds, i.e.
-GPU-seconds on GPUs.
+GPU-seconds on GPUs, and training FLOPs from the run's ledger, which do not depend on how busy the
+machine was. The ledger is read by the caller's `compute_of(stage_folder)` (commands pass
+`mmtrain.cost.curve.folder_compute`: accounting sits beside the methods, not below them); it
+returns an object with `flops` (the stage's kept FLOPs) and `points` (validations with `step` and
+cumulative `flops`), or None.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -26,6 +30,8 @@ from mmtrain.config.paths import CONFIG_FILE, METRICS_FILE
 from mmtrain.errors import UserError
 
 LOWER_IS_BETTER = ("loss", "ppl", "perplexity")
+ComputeReader = Callable[[Path], Any]
+"""A stage folder -> its ledger compute (`flops`, `points`), or None."""
 
 
 class SpeedupError(UserError, ValueError):
@@ -41,6 +47,9 @@ class CurvePoint:
     stage: str
     cpu_s: float | None = None
     """The same in CPU seconds of the training processes (None if a stage did not record it)."""
+    flops: float | None = None
+    """Cumulative training FLOPs of the counted stages at this validation, from the ledger (None
+    where the ledger has no validation record for it)."""
 
 
 @dataclass
@@ -55,12 +64,34 @@ class Curve:
     """Stages on another LLM (the source VPG)."""
     prior_compute_s: float = 0.0
     prior_cpu_s: float | None = 0.0
+    prior_flops: float | None = 0.0
     final_evals: dict[str, Any] = field(default_factory=dict)
     """The last stage's evaluation results (`eval/<name>.json` headlines)."""
 
 
 def lower_is_better(metric: str) -> bool:
     return any(word in metric for word in LOWER_IS_BETTER)
+
+
+def plateaued(values: list[float], patience: int, min_improvement: float, lower: bool = True) -> bool:
+    """Whether a validation curve has plateaued: none of its last `patience` values improved on the
+    best before it by more than `min_improvement` (relative, e.g. 0.005 = 0.5%).
+
+    The speed-up is measured against training from scratch's best, so that run must reach it; this
+    is the rule that says it has.
+    """
+    if patience < 1 or len(values) <= patience:
+        return False
+    best = values[0]
+    since = 0
+    for value in values[1:]:
+        improved = value < best * (1 - min_improvement) if lower else value > best * (1 + min_improvement)
+        if improved:
+            since = 0
+        else:
+            since += 1
+        best = min(best, value) if lower else max(best, value)
+    return since >= patience
 
 
 def _stage_folders(run: Path) -> list[Path]:
@@ -115,8 +146,8 @@ def _eval_headlines(folder: Path) -> dict[str, Any]:
     return out
 
 
-def read_curve(run: str | Path) -> Curve:
-    """The validation curve of a run folder (see the module docstring for what counts)."""
+def read_curve(run: str | Path, compute_of: ComputeReader | None = None) -> Curve:
+    """The validation curve of a run folder (see the module docstring for what counts; FLOPs need `compute_of`)."""
     run = Path(run)
     if not run.is_dir():
         raise SpeedupError(f"{run}: no such run folder")
@@ -130,9 +161,12 @@ def read_curve(run: str | Path) -> Curve:
                            "from its preparation")
     epochs_before = compute_before = 0.0
     cpu_before: float | None = 0.0
+    flops_before: float | None = 0.0
     points: list[CurvePoint] = []
     for folder in folders[first_target:]:
         records = stage_records(folder)
+        ledger = compute_of(folder) if compute_of else None
+        flops_at = {p.step: p.flops for p in ledger.points} if ledger else {}
         train_size = None
         for record in records:
             if "val_loss" not in record:
@@ -148,7 +182,8 @@ def read_curve(run: str | Path) -> Curve:
             points.append(CurvePoint(epoch=epochs_before + float(record["epoch"]),
                                      compute_s=compute_before + float(record["compute_s"]) * world,
                                      metrics=metrics, stage=folder.name,
-                                     cpu_s=_add(cpu_before, None if cpu is None else float(cpu) * world)))
+                                     cpu_s=_add(cpu_before, None if cpu is None else float(cpu) * world),
+                                     flops=_add(flops_before, flops_at.get(int(record.get("step", -1))))))
         last_train = [r for r in records if "samples" in r and "val_loss" not in r]
         if train_size and last_train:
             epochs_before += last_train[-1]["samples"] / train_size
@@ -156,13 +191,20 @@ def read_curve(run: str | Path) -> Curve:
             epochs_before = points[-1].epoch
         compute_before += stage_compute(records) or 0.0
         cpu_before = _add(cpu_before, stage_compute(records, "cpu_s"))
+        flops_before = _add(flops_before, ledger.flops if ledger else None)
     if not points:
         raise SpeedupError(f"{run}: no validation records; set data.val and eval_every (one epoch's steps)")
     return Curve(run=str(run), llm=str(target), points=points, stages=[f.name for f in folders[first_target:]],
                  prior_stages=[f.name for f in prior],
                  prior_compute_s=sum(stage_compute(stage_records(f)) or 0.0 for f in prior),
                  prior_cpu_s=_sum_or_none([stage_compute(stage_records(f), "cpu_s") for f in prior]),
+                 prior_flops=_sum_or_none([_kept_flops(f, compute_of) for f in prior]),
                  final_evals=_eval_headlines(folders[-1]))
+
+
+def _kept_flops(folder: Path, compute_of: ComputeReader | None) -> float | None:
+    compute = compute_of(folder) if compute_of else None
+    return compute.flops if compute else None
 
 
 def _sum_or_none(values: list[float | None]) -> float | None:
@@ -196,6 +238,11 @@ class MetricSpeedup:
     speedup_cpu_with_source: float | None
     tfs_cpu_s: float | None
     vt_cpu_s: float | None
+    tfs_flops: float | None
+    vt_flops: float | None
+    speedup_flops: float | None
+    """The compute speed-up in training FLOPs from the ledgers (None where a ledger lacks them)."""
+    speedup_flops_with_source: float | None
     tfs_final: float
     vt_final: float
     vt_best: float
@@ -216,18 +263,20 @@ def metric_speedup(vt: Curve, tfs: Curve, metric: str) -> MetricSpeedup:
     finals = (tfs_points[-1].metrics[metric], vt_points[-1].metrics[metric], vt_best)
     if reached is None:
         return MetricSpeedup(metric, lower, best_value, best.epoch, best.compute_s, None, None, None, None, None,
-                             None, None, best.cpu_s, None, *finals)
+                             None, None, best.cpu_s, None, best.flops, None, None, None, *finals)
     return MetricSpeedup(
         metric, lower, best_value, best.epoch, best.compute_s, reached.epoch, reached.compute_s,
         best.epoch / reached.epoch, _ratio(best.compute_s, reached.compute_s),
         _ratio(best.compute_s, reached.compute_s + vt.prior_compute_s),
         _ratio(best.cpu_s, reached.cpu_s), _ratio(best.cpu_s, _add(reached.cpu_s, vt.prior_cpu_s)), best.cpu_s,
-        reached.cpu_s, *finals)
+        reached.cpu_s, best.flops, reached.flops, _ratio(best.flops, reached.flops),
+        _ratio(best.flops, _add(reached.flops, vt.prior_flops)), *finals)
 
 
-def speedup_report(vt_run: str | Path, tfs_run: str | Path, metrics: list[str] | None = None) -> dict[str, Any]:
+def speedup_report(vt_run: str | Path, tfs_run: str | Path, metrics: list[str] | None = None,
+                   compute_of: ComputeReader | None = None) -> dict[str, Any]:
     """Speed-ups for every metric both runs record (or `metrics`), plus both curves and final evals."""
-    vt, tfs = read_curve(vt_run), read_curve(tfs_run)
+    vt, tfs = read_curve(vt_run, compute_of), read_curve(tfs_run, compute_of)
     if vt.llm != tfs.llm:
         raise SpeedupError(f"the runs train different LLMs ({vt.llm} vs {tfs.llm}); compare runs on the same target")
     names = metrics or sorted(set(vt.points[0].metrics) & set(tfs.points[0].metrics))
@@ -248,7 +297,8 @@ def format_report(report: dict[str, Any]) -> str:
              f"{', '.join(vt['prior_stages']) or 'not in this folder'}, {vt['prior_compute_s'] / 3600:.3f} h)",
              f"TFS      {tfs['run']} (stages {', '.join(tfs['stages'])}); target LLM {vt['llm']}", ""]
     header = (f"{'metric':<10} {'TFS best':>9} {'@epoch':>7} {'VT reaches':>10} {'speed-up':>9} "
-              f"{'compute':>8} {'+source':>8} {'cpu':>7} {'+source':>8} {'TFS final':>10} {'VT final':>9}")
+              f"{'compute':>8} {'+source':>8} {'cpu':>7} {'+source':>8} {'FLOPs':>7} {'+source':>8} "
+              f"{'TFS final':>10} {'VT final':>9}")
     lines += [header, "-" * len(header)]
     for s in report["speedups"]:
         reached = "never" if s["vt_epoch"] is None else f"{s['vt_epoch']:.2f}"
@@ -256,11 +306,13 @@ def format_report(report: dict[str, Any]) -> str:
             f"{s['metric']:<10} {s['tfs_best']:>9.4f} {s['tfs_best_epoch']:>7.2f} {reached:>10} "
             f"{_times(s['speedup_epochs']):>9} {_times(s['speedup_compute']):>8} "
             f"{_times(s['speedup_compute_with_source']):>8} {_times(s['speedup_cpu']):>7} "
-            f"{_times(s['speedup_cpu_with_source']):>8} {s['tfs_final']:>10.4f} {s['vt_final']:>9.4f}")
+            f"{_times(s['speedup_cpu_with_source']):>8} {_times(s['speedup_flops']):>7} "
+            f"{_times(s['speedup_flops_with_source']):>8} {s['tfs_final']:>10.4f} {s['vt_final']:>9.4f}")
     lines.append("")
     lines.append("speed-up = TFS's epochs to its best / VPGTrans's epochs to reach it; compute = the same ratio in "
                  "processes x wall seconds of training (GPU-hours on GPUs; validation excluded), cpu = in CPU "
-                 "seconds; '+source' adds the source VPG's training to VPGTrans")
+                 "seconds, FLOPs = in training FLOPs from the ledgers; '+source' adds the source VPG's training "
+                 "to VPGTrans")
     for name in sorted(set(vt["final_evals"]) & set(tfs["final_evals"])):
         keys = sorted(set(vt["final_evals"][name]) & set(tfs["final_evals"][name]))
         for key in keys:
