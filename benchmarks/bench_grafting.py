@@ -203,8 +203,9 @@ def format_report(result: dict) -> str:
         vision_equal = arm["vision_saving_at_equal_quality"]
         lines.append(f"  with the surrogate already built ({arm['surrogate_flops'] / 1e12:.1f} TFLOPs, paid once per target): "
                      f"its caption stages cost {100 * abs(vision_same):.0f}% {'less' if vision_same >= 0 else 'more'} "
-                     f"than direct's" + (f"; {100 * vision_equal:.0f}% saved at equal quality" if vision_equal is not None
-                                         else ""))
+                     f"than direct's" + ("" if vision_equal is None else
+                                         f"; {100 * abs(vision_equal):.0f}% {'saved' if vision_equal >= 0 else 'more'} "
+                                         "at equal quality"))
     return "\n".join(lines)
 
 
