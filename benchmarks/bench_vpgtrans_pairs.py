@@ -1,16 +1,19 @@
 """VPGTrans against training from scratch run to its plateau, on real transfer pairs (configs/vpgtrans/pairs/).
 
 The speed-up is defined against training from scratch's (TFS) best validation loss, so TFS must
-reach its best: every arm's last stage runs one epoch at a time (`stop_after_steps`, the schedule
-spanning the recipe's `max_steps`) until the PLATEAU RULE fires: none of the last 3 epochs improved
-the best validation loss before them by more than 0.5%. The transfer arms stop earlier, at the first
-epoch whose validation loss reaches TFS's best (all the speed-up needs). Then each arm's test
-evaluation runs.
+reach its best: TFS runs one epoch at a time (`stop_after_steps`, the schedule spanning the
+recipe's `max_steps`), validated every quarter epoch, until the PLATEAU RULE fires: none of the
+validations of the last 2 epochs improved the best validation loss before them by more than 0.5%.
+The transfer arms run a quarter epoch at a time and stop at the first validation that reaches TFS's
+best (all the speed-up needs). Then each arm's test evaluation runs.
 Arms (recipes of the pair's folder): tfs; vpgtrans (converter + merge -> 1-epoch projector warm-up
-at 5x -> fine-tune); no-converter; no-warmup; converter-text (converter fitted on much more text).
-The source VPG (source.yaml) runs first, for a fixed number of epochs.
+at 5x -> fine-tune); no-converter; no-warmup; converter-text (converter fitted on much more text);
+converter-norm (converter scaled to the target's embedding norm; smollm2-to-qwen0.5b only).
+The source VPG runs first: smollm2-to-qwen0.5b's source.yaml for a fixed number of epochs;
+qwen0.5b-to-1.5b's source is smollm2-to-qwen0.5b's TFS arm, run to its plateau.
 
     python benchmarks/bench_vpgtrans_pairs.py --pair smollm2-to-qwen0.5b             # resumable
+    python benchmarks/bench_vpgtrans_pairs.py --pair qwen0.5b-to-1.5b                 # same tokenizer
     python benchmarks/bench_vpgtrans_pairs.py --pair smollm2-to-qwen0.5b --arms tfs --max-epochs 2
     python benchmarks/bench_vpgtrans_pairs.py --pair smollm2-to-qwen0.5b --report-only
 
@@ -33,20 +36,41 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.common import RESULTS, recipe_stage_folders  # noqa: E402
 
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    models: tuple[str, ...]
+    """The model assets the pair needs."""
+    source: str
+    """The recipe (under configs/vpgtrans/pairs/) whose last stage is the source VPG."""
+    source_to_plateau: bool = False
+    """The source recipe is a TFS arm: run it to its plateau (else it runs its fixed schedule)."""
+
+
+PAIRS_DIR = REPO / "configs" / "vpgtrans" / "pairs"
 PAIRS = {
-    "smollm2-to-qwen0.5b": ["smollm2-135m", "qwen2.5-coder-0.5b"],
+    "smollm2-to-qwen0.5b": Pair(("smollm2-135m", "qwen2.5-coder-0.5b"), "smollm2-to-qwen0.5b/source.yaml"),
+    "qwen0.5b-to-1.5b": Pair(("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"), "smollm2-to-qwen0.5b/tfs.yaml",
+                             source_to_plateau=True),
 }
-ARMS = ("tfs", "vpgtrans", "no-converter", "no-warmup", "converter-text")
+ARMS = ("tfs", "vpgtrans", "no-converter", "no-warmup", "converter-text", "converter-norm")
 ASSETS = ["captions-mix", "dinov2-small", "debian-text"]
-STEPS_PER_EPOCH = 64
-PATIENCE = 3
+STEPS_PER_EPOCH = 160
+"""base.yaml: 2560 training images in steps of 16."""
+VALIDATIONS_PER_EPOCH = 4
+"""base.yaml: eval_every 40, so the speed-up resolves a quarter of an epoch."""
+PATIENCE_EPOCHS = 2
 MIN_IMPROVEMENT = 0.005
 TEST = ["--data", "asset:captions-mix/test.jsonl", "--max-samples", "128", "--max-new-tokens", "16", "--show", "4"]
 EXIT_STOPPED = 3
 
 
 def recipe(pair: str, arm: str) -> Path:
-    return REPO / "configs" / "vpgtrans" / "pairs" / pair / f"{arm}.yaml"
+    return PAIRS_DIR / pair / f"{arm}.yaml"
+
+
+def source_recipe(pair: str) -> Path:
+    return PAIRS_DIR / PAIRS[pair].source
 
 
 def output_dir(path: Path) -> Path:
@@ -59,12 +83,16 @@ def last_stage(path: Path) -> Path:
     return list(recipe_stage_folders(path, output_dir(path)).values())[-1]
 
 
-def val_losses(stage: Path) -> list[float]:
+def val_records(stage: Path) -> list[dict]:
     metrics = stage / "metrics.jsonl"
     if not metrics.is_file():
         return []
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    return [r["val_loss"] for r in records if "val_loss" in r]
+    return [r for r in records if "val_loss" in r]
+
+
+def val_losses(stage: Path) -> list[float]:
+    return [r["val_loss"] for r in val_records(stage)]
 
 
 def mmtrain(args: list[str]) -> int:
@@ -74,28 +102,37 @@ def mmtrain(args: list[str]) -> int:
 
 
 def run_to_plateau(path: Path, max_epochs: int, target: float | None = None) -> None:
-    """Run the recipe's last stage an epoch at a time until the plateau rule fires, `max_epochs` ran,
-    or (transfer arms) the validation loss reached `target`, TFS's best: the speed-up needs no more."""
+    """Run the recipe's stages in order, a piece at a time, until the plateau rule fires on the
+    arm's validation curve (every stage on the target), `max_epochs` epochs ran, or (transfer arms)
+    a validation loss reached `target`, TFS's best: the speed-up needs no more. TFS runs whole
+    epochs; transfer arms run one validation interval at a time, so they stop right at the target."""
     from mmtrain.methods.vpgtrans.speedup import plateaued
+    from mmtrain.pipeline.recipe import load_recipe
+    from mmtrain.pipeline.state import probe
 
-    stage = last_stage(path)
+    chunk = STEPS_PER_EPOCH if target is None else STEPS_PER_EPOCH // VALIDATIONS_PER_EPOCH
     while True:
-        losses = val_losses(stage)
-        every_stage = [v for folder in recipe_stage_folders(path, output_dir(path)).values() for v in val_losses(folder)]
-        if target is not None and every_stage and min(every_stage) <= target:
-            print(f"{path.stem}: reached TFS's best {target:.4f} after {len(every_stage)} epochs", flush=True)
+        stages = load_recipe(path, output_dir=output_dir(path)).stages
+        curve = [v for stage in stages for v in val_losses(stage.folder)]
+        if target is not None and curve and min(curve) <= target:
+            print(f"{path.stem}: reached TFS's best {target:.4f} at validation {len(curve)}", flush=True)
             return
-        if plateaued(losses, PATIENCE, MIN_IMPROVEMENT):
-            print(f"{path.stem}: plateau after {len(losses)} epochs (best {min(losses):.4f})", flush=True)
+        if plateaued(curve, PATIENCE_EPOCHS * VALIDATIONS_PER_EPOCH, MIN_IMPROVEMENT):
+            print(f"{path.stem}: plateau after {len(curve)} validations (best {min(curve):.4f})", flush=True)
             return
-        if len(losses) >= max_epochs:
-            print(f"{path.stem}: {len(losses)} epochs (the limit) without a plateau", flush=True)
+        if len(curve) >= max_epochs * VALIDATIONS_PER_EPOCH:
+            print(f"{path.stem}: {max_epochs} epochs (the limit) without a plateau", flush=True)
             return
-        code = mmtrain(["run", str(path), "--set", f"stop_after_steps={(len(losses) + 1) * STEPS_PER_EPOCH}"])
+        stage = next((s for s in stages if not probe(s).done), None)
+        if stage is None:
+            print(f"{path.stem}: every stage ran to its max_steps without a plateau", flush=True)
+            return
+        steps = max((r["step"] for r in val_records(stage.folder)), default=0)
+        code = mmtrain(["run", str(path), "--stage", stage.name, "--set", f"stop_after_steps={steps + chunk}"])
         if code not in (0, EXIT_STOPPED):
             raise SystemExit(f"{path} failed ({code}); see its logs")
-        if len(val_losses(stage)) == len(losses):
-            raise SystemExit(f"{path}: no new validation after a run; see {stage / 'logs'}")
+        if len(val_losses(stage.folder)) == len([r for r in val_records(stage.folder) if r["step"] <= steps]):
+            raise SystemExit(f"{path}: no new validation after a run; see {stage.folder / 'logs'}")
 
 
 def test_eval(path: Path) -> None:
@@ -110,7 +147,7 @@ def source_compute(pair: str) -> dict:
     from mmtrain.cost.curve import folder_compute
     from mmtrain.methods.vpgtrans.speedup import stage_compute, stage_records
 
-    stage = last_stage(recipe(pair, "source"))
+    stage = last_stage(source_recipe(pair))
     records = stage_records(stage)
     compute = folder_compute(stage)
     return {"wall_s": stage_compute(records), "cpu_s": stage_compute(records, "cpu_s"),
@@ -147,7 +184,7 @@ def _times(value: float | None) -> str:
 
 
 def table(reports: dict[str, dict]) -> str:
-    header = (f"{'arm':<15} {'epochs':>6} {'best val':>8} {'reaches TFS best':>16} {'epochs x':>8} {'FLOPs x':>7} "
+    header = (f"{'arm':<15} {'vals':>6} {'best val':>8} {'reaches TFS best':>16} {'epochs x':>8} {'FLOPs x':>7} "
               f"{'+src':>6} {'wall x':>6} {'+src':>6} {'cpu x':>6} {'PFLOPs':>7} {'test loss':>9} {'other img':>9} "
               f"{'CIDEr':>6}")
     lines = [header, "-" * len(header)]
@@ -158,11 +195,11 @@ def table(reports: dict[str, dict]) -> str:
         last = curve["points"][-1]
         if arm == "tfs":
             best = min(values)
-            cells = [f"epoch {values.index(best) + 1} (own)", "1.00x", "1.00x", "-", "1.00x", "-", "1.00x"]
+            cells = [f"epoch {curve['points'][values.index(best)]['epoch']:.2f} (own)", "1.00x", "1.00x", "-", "1.00x", "-", "1.00x"]
         else:
             (s,) = report["speedups"]
             best = s["vt_best"]
-            cells = ["never" if s["vt_epoch"] is None else f"epoch {s['vt_epoch']:.0f}", _times(s["speedup_epochs"]),
+            cells = ["never" if s["vt_epoch"] is None else f"epoch {s['vt_epoch']:.2f}", _times(s["speedup_epochs"]),
                      _times(s["speedup_flops"]), _times(s["speedup_flops_with_source"]),
                      _times(s["speedup_compute"]), _times(s["speedup_compute_with_source"]), _times(s["speedup_cpu"])]
         flops = "-" if last.get("flops") is None else f"{last['flops'] / 1e15:.2f}"
@@ -203,17 +240,22 @@ def plot(reports: dict[str, dict], pair: str, path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pair", choices=sorted(PAIRS), required=True)
-    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ", ".join(ARMS))
+    parser.add_argument("--arms", help="comma-separated subset of " + ", ".join(ARMS) + " (default: every arm the "
+                        "pair has a recipe for)")
     parser.add_argument("--max-epochs", type=int, default=30, help="stop an arm here even without a plateau")
     parser.add_argument("--report-only", action="store_true", help="do not train; report on what has run")
     args = parser.parse_args()
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    if unknown := [a for a in arms if a not in ARMS]:
-        parser.error(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+    available = [a for a in ARMS if recipe(args.pair, a).is_file()]
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else available
+    if unknown := [a for a in arms if a not in available]:
+        parser.error(f"no recipe for arm(s) {', '.join(unknown)} of {args.pair}; choose from {', '.join(available)}")
     if not args.report_only:
-        if mmtrain(["assets", "prepare", *ASSETS, *PAIRS[args.pair]]) != 0:
+        pair = PAIRS[args.pair]
+        if mmtrain(["assets", "prepare", *ASSETS, *pair.models]) != 0:
             return 1
-        if mmtrain(["run", str(recipe(args.pair, "source"))]) != 0:
+        if pair.source_to_plateau:
+            run_to_plateau(source_recipe(args.pair), args.max_epochs)
+        elif mmtrain(["run", str(source_recipe(args.pair))]) != 0:
             return 1
         run_to_plateau(recipe(args.pair, "tfs"), args.max_epochs)
         test_eval(recipe(args.pair, "tfs"))
@@ -228,8 +270,9 @@ def main() -> int:
         return 1
     print(table(reports))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    result = {"pair": args.pair, "rule": {"patience": PATIENCE, "min_improvement": MIN_IMPROVEMENT,
-                                          "steps_per_epoch": STEPS_PER_EPOCH}, "source_vpg": source, "arms": reports}
+    result = {"pair": args.pair, "rule": {"patience_epochs": PATIENCE_EPOCHS, "min_improvement": MIN_IMPROVEMENT,
+                                          "steps_per_epoch": STEPS_PER_EPOCH,
+                                          "validations_per_epoch": VALIDATIONS_PER_EPOCH}, "source_vpg": source, "arms": reports}
     (RESULTS / f"vpgtrans_{args.pair}.json").write_text(json.dumps(result, indent=1))
     plot(reports, args.pair, RESULTS / f"vpgtrans_{args.pair}.png")
     print(f"results: {RESULTS / f'vpgtrans_{args.pair}.json'}, plot: {RESULTS / f'vpgtrans_{args.pair}.png'}")

@@ -100,7 +100,7 @@ def build_generate_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("target", metavar="RUN_OR_EXPORT",
                         help="a run folder, a checkpoint folder, or a folder written by `mmtrain export`")
     parser.add_argument("--image", nargs="+", required=True, metavar="PATH",
-                        help="image files, folders of images, or JSONL manifests (their images)")
+                        help="image files, folders of images, or manifests (.jsonl, or LLaVA .json arrays: their images)")
     parser.add_argument("--prompt", help="the question (default: a caption, as the run's template asks for one)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=8)

@@ -36,7 +36,7 @@ def collect_images(paths: list[str]) -> list[Path]:
             if not found:
                 raise GenerateInputError(f"--image {path}: the folder holds no image ({', '.join(sorted(IMAGE_SUFFIXES))})")
             images += found
-        elif path.suffix == ".jsonl":
+        elif path.suffix in (".jsonl", ".json"):  # a manifest, or a LLaVA JSON array of records
             images += [s.image for s in read_manifest(path) if s.image is not None]
         elif path.is_file():
             images.append(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -99,7 +100,23 @@ def test_converter_fit_is_deterministic_and_respects_settings():
     b, _ = fit_word_converter(source, target, pairs, settings)
     assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
     assert report.steps == 2 * 6  # 570 training texts in batches of 100, twice
-    assert report.settings == {"lr": 5.0, "batch_size": 100, "epochs": 2, "holdout": 0.05, "seed": 7}
+    assert report.settings == {"lr": 5.0, "batch_size": 100, "epochs": 2, "holdout": 0.05, "seed": 7,
+                               "match_norm": False}
+    assert report.norm_scale == 1.0
+
+
+def test_match_norm_gives_the_target_scale_and_keeps_the_direction():
+    source, target, pairs = _planted(seed=5)
+    target = target * 0.05  # a target table 20x shorter than the planted map's outputs
+    settings = WordConverterConfig(lr=5.0, batch_size=16, epochs=10, holdout=0.1, seed=0)
+    plain, plain_report = fit_word_converter(source, target, pairs, settings)
+    matched, report = fit_word_converter(source, target, pairs, dataclasses.replace(settings, match_norm=True))
+    # cosine ignores scale: the plain fit's outputs are far from the target's norm, the matched ones on it
+    assert plain_report.output_norm > 3 * plain_report.target_norm
+    assert report.output_norm == pytest.approx(report.target_norm, rel=1e-4)
+    assert report.norm_scale == pytest.approx(plain_report.target_norm / plain_report.output_norm, rel=1e-4)
+    assert report.heldout_cosine == pytest.approx(plain_report.heldout_cosine, abs=1e-5)
+    assert torch.allclose(matched.weight, plain.weight * report.norm_scale)
 
 
 def test_converter_errors_name_the_problem():
@@ -291,6 +308,16 @@ def test_embedding_table_is_read_from_the_checkpoint_alone(tmp_path):
         read_embedding_table(odd)
     with pytest.raises(EmbeddingReadError, match="no model.safetensors"):
         read_embedding_table(tmp_path)
+    # A tied checkpoint that stores the shared matrix under the head's name only (transformers 5 saves
+    # SmolLM2-135M so); untied, the head is another matrix and is not taken for the embedding.
+    tied = tmp_path / "tied"
+    tied.mkdir()
+    save_file({"lm_head.weight": table, "model.norm.weight": torch.ones(16)}, str(tied / "model.safetensors"))
+    (tied / "config.json").write_text(json.dumps({"vocab_size": 64, "hidden_size": 16, "tie_word_embeddings": True}))
+    assert torch.equal(read_embedding_table(tied), table)
+    (tied / "config.json").write_text(json.dumps({"vocab_size": 64, "hidden_size": 16, "tie_word_embeddings": False}))
+    with pytest.raises(EmbeddingReadError, match="cannot tell"):
+        read_embedding_table(tied)
 
 
 def test_plateau_rule():

@@ -38,6 +38,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     conv.add_argument("--epochs", type=int, default=_DEFAULTS.epochs, help="(official: 5; 8 across model families)")
     conv.add_argument("--holdout", type=float, default=_DEFAULTS.holdout)
     conv.add_argument("--seed", type=int, default=_DEFAULTS.seed)
+    conv.add_argument("--match-norm", action="store_true",
+                      help="scale the fitted map to the target embeddings' mean norm (not in the official recipe)")
 
     merge = sub.add_parser("merge", help="compose a converter with a checkpoint's projector")
     merge.add_argument("--checkpoint", required=True, help="source run folder, checkpoint folder or .safetensors")
@@ -64,7 +66,8 @@ def _converter(args: argparse.Namespace) -> int:
     source, target = _resolve(args.source, "--source"), _resolve(args.target, "--target")
     corpus = [_resolve(c, "--corpus") for c in args.corpus]
     settings = WordConverterConfig(source_llm=source, corpus=corpus, lr=args.lr, batch_size=args.batch_size,
-                                   epochs=args.epochs, holdout=args.holdout, seed=args.seed)
+                                   epochs=args.epochs, holdout=args.holdout, seed=args.seed,
+                                   match_norm=args.match_norm)
     source_tokenizer = AutoTokenizer.from_pretrained(_resolve(args.source_tokenizer or source, "--source-tokenizer"))
     target_tokenizer = AutoTokenizer.from_pretrained(_resolve(args.target_tokenizer or target, "--target-tokenizer"))
     pairs = pair_tokens(corpus_texts(corpus), source_tokenizer, target_tokenizer)

@@ -27,6 +27,11 @@ class WordConverterConfig:
     holdout: float = 0.05
     """Fraction of the texts held out to report the fitted converter's cosine."""
     seed: int = 0
+    match_norm: bool = False
+    """Not in the official recipe: after fitting, scale the map so its outputs' mean norm equals the
+    target embeddings' over the training pairs. The cosine loss ignores scale; across model
+    families the two tables' scales can differ several-fold (SmolLM2-135M's rows are 5.6x longer
+    than Qwen2.5's), and the merged projector would inherit the mismatch."""
     path: str | None = None
     """Use this already-fitted converter (`mmtrain transfer converter` output) instead of fitting one."""
 

@@ -96,6 +96,12 @@ class FitReport:
     heldout_cosine_initial: float
     heldout_cosine: float
     train_cosine: float
+    norm_scale: float
+    """The factor `match_norm` scaled the fitted map by (1.0 without it)."""
+    output_norm: float
+    """Mean norm of the (scaled) map's outputs over the training pairs."""
+    target_norm: float
+    """Mean norm of the target embeddings over the training pairs."""
     fit_seconds: float
     settings: dict[str, Any]
 
@@ -122,6 +128,18 @@ def mean_cosine(converter: torch.nn.Linear, source: torch.Tensor, target: torch.
         out = converter(source[start:start + chunk])
         total += float(F.cosine_similarity(out, target[start:start + chunk], dim=-1).double().sum())
     return total / source.shape[0]
+
+
+@torch.no_grad()
+def _mean_norms(converter: torch.nn.Linear, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+    """Mean row norm of converter(source) and of target over (source, target) row batches."""
+    out = tgt = 0.0
+    count = 0
+    for src, target in batches:
+        out += float(converter(src).norm(dim=-1).double().sum())
+        tgt += float(target.norm(dim=-1).double().sum())
+        count += src.shape[0]
+    return (out / count, tgt / count) if count else (0.0, 0.0)
 
 
 def fit_word_converter(source_table: torch.Tensor, target_table: torch.Tensor, pairs: TokenPairs,
@@ -181,14 +199,22 @@ def fit_word_converter(source_table: torch.Tensor, target_table: torch.Tensor, p
             steps += 1
         if log is not None:
             log(f"word converter epoch {epoch + 1}/{settings.epochs}: last batch loss {float(loss):.4f}")
+    output_norm, target_norm = _mean_norms(converter, (rows(batch) for batch in _batches(train, settings.batch_size)))
+    norm_scale = target_norm / output_norm if settings.match_norm and output_norm > 0 else 1.0
+    if norm_scale != 1.0:
+        with torch.no_grad():
+            converter.weight.mul_(norm_scale)
+            converter.bias.mul_(norm_scale)
     train_cosine, pairs_train = cosine_and_pairs(train)
     report = FitReport(
         same_tokenizer=pairs.same_tokenizer, texts_total=pairs.texts_total, texts_kept=pairs.texts_kept,
         texts_train=len(train), texts_heldout=len(heldout), pairs_train=pairs_train,
         pairs_heldout=pairs_heldout, epochs=settings.epochs, steps=steps,
         heldout_cosine_initial=initial, heldout_cosine=cosine_and_pairs(heldout)[0],
-        train_cosine=train_cosine, fit_seconds=time.perf_counter() - started,
-        settings={k: v for k, v in asdict(settings).items() if k in ("lr", "batch_size", "epochs", "holdout", "seed")},
+        train_cosine=train_cosine, norm_scale=norm_scale, output_norm=output_norm * norm_scale,
+        target_norm=target_norm, fit_seconds=time.perf_counter() - started,
+        settings={k: v for k, v in asdict(settings).items()
+                  if k in ("lr", "batch_size", "epochs", "holdout", "seed", "match_norm")},
     )
     return converter, report
 

@@ -26,6 +26,7 @@ KNOWN_NAMES = ("model.embed_tokens.weight", "model.language_model.embed_tokens.w
                "model.shared.weight", "encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight",
                "transformer.wte.weight", "gpt_neox.embed_in.weight", "transformer.word_embeddings.weight",
                "embed_tokens.weight")
+TIED_HEAD_NAME = "lm_head.weight"
 
 
 def _tensor_files(folder: Path) -> dict[str, Path]:
@@ -45,8 +46,9 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
 def read_embedding_table(folder: str | Path) -> torch.Tensor:
     """The [vocab, width] input-embedding table of the LLM in `folder`, as float32.
 
-    Only that tensor is read. It is found by name (the usual Hugging Face names), else as the one
-    tensor named like an embedding with shape [vocab_size, hidden_size] from the folder's config.json.
+    Only that tensor is read. It is found by name (the usual Hugging Face names; with tied embeddings,
+    `lm_head.weight` when the checkpoint stores the shared matrix under that name only, as
+    transformers 5 saves SmolLM2), else as the one tensor named like an embedding with shape [vocab_size, hidden_size] from the folder's config.json.
     No model is built: this also runs while ZeRO-3 construction hooks are active.
 
     Raises:
@@ -54,9 +56,11 @@ def read_embedding_table(folder: str | Path) -> torch.Tensor:
     """
     folder = Path(folder)
     files = _tensor_files(folder)
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
     name = next((n for n in KNOWN_NAMES if n in files), None)
+    if name is None and config.get("tie_word_embeddings", True) and TIED_HEAD_NAME in files:
+        name = TIED_HEAD_NAME  # a tied checkpoint may store the shared matrix under the head's name only
     if name is None:
-        config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
         width = config.get("hidden_size", config.get("d_model", config.get("n_embd")))
         candidates = []
         for candidate, path in files.items():
