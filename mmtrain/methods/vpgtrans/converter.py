@@ -130,18 +130,6 @@ def mean_cosine(converter: torch.nn.Linear, source: torch.Tensor, target: torch.
     return total / source.shape[0]
 
 
-@torch.no_grad()
-def _mean_norms(converter: torch.nn.Linear, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
-    """Mean row norm of converter(source) and of target over (source, target) row batches."""
-    out = tgt = 0.0
-    count = 0
-    for src, target in batches:
-        out += float(converter(src).norm(dim=-1).double().sum())
-        tgt += float(target.norm(dim=-1).double().sum())
-        count += src.shape[0]
-    return (out / count, tgt / count) if count else (0.0, 0.0)
-
-
 def fit_word_converter(source_table: torch.Tensor, target_table: torch.Tensor, pairs: TokenPairs,
                        settings: WordConverterConfig, log=None) -> tuple[torch.nn.Linear, FitReport]:
     """Fit W, b minimising mean(1 - cos(W e_src + b, e_tgt)) with SGD; returns the map and a report.
@@ -168,15 +156,22 @@ def fit_word_converter(source_table: torch.Tensor, target_table: torch.Tensor, p
         return (_rows(source_table, [pairs.source_ids[i] for i in indices], "source"),
                 _rows(target_table, [pairs.target_ids[i] for i in indices], "target"))
 
-    def cosine_and_pairs(indices: list[int]) -> tuple[float, int]:
+    @torch.no_grad()
+    def pair_stats(indices: list[int]) -> tuple[float, int, float, float]:
+        """Mean cosine, pair count, mean output norm and mean target norm over the texts' pairs."""
         # batch by batch: a large corpus's rows (millions of tokens x two widths) never sit in memory at once
-        total, count = 0.0, 0
+        total = out_norm = tgt_norm = 0.0
+        count = 0
         for batch in _batches(indices, settings.batch_size):
             src, tgt = rows(batch)
             if src.shape[0]:
                 total += mean_cosine(converter, src, tgt) * src.shape[0]
+                out_norm += float(converter(src).norm(dim=-1).double().sum())
+                tgt_norm += float(tgt.norm(dim=-1).double().sum())
                 count += src.shape[0]
-        return (total / count if count else float("nan")), count
+        if not count:
+            return float("nan"), 0, 0.0, 0.0
+        return total / count, count, out_norm / count, tgt_norm / count
 
     generator = torch.Generator().manual_seed(settings.seed)
     converter = torch.nn.Linear(source_table.shape[1], target_table.shape[1])
@@ -184,7 +179,7 @@ def fit_word_converter(source_table: torch.Tensor, target_table: torch.Tensor, p
         bound = 1.0 / math.sqrt(source_table.shape[1])
         converter.weight.uniform_(-bound, bound, generator=generator)
         converter.bias.uniform_(-bound, bound, generator=generator)
-    initial, pairs_heldout = cosine_and_pairs(heldout)
+    initial, pairs_heldout, _, _ = pair_stats(heldout)
     optimizer = torch.optim.SGD(converter.parameters(), lr=settings.lr)
     shuffler = random.Random(settings.seed + 1)
     steps = 0
@@ -199,18 +194,18 @@ def fit_word_converter(source_table: torch.Tensor, target_table: torch.Tensor, p
             steps += 1
         if log is not None:
             log(f"word converter epoch {epoch + 1}/{settings.epochs}: last batch loss {float(loss):.4f}")
-    output_norm, target_norm = _mean_norms(converter, (rows(batch) for batch in _batches(train, settings.batch_size)))
+    # the cosine ignores scale, so the training pairs' cosine holds before and after match_norm's scaling
+    train_cosine, pairs_train, output_norm, target_norm = pair_stats(train)
     norm_scale = target_norm / output_norm if settings.match_norm and output_norm > 0 else 1.0
     if norm_scale != 1.0:
         with torch.no_grad():
             converter.weight.mul_(norm_scale)
             converter.bias.mul_(norm_scale)
-    train_cosine, pairs_train = cosine_and_pairs(train)
     report = FitReport(
         same_tokenizer=pairs.same_tokenizer, texts_total=pairs.texts_total, texts_kept=pairs.texts_kept,
         texts_train=len(train), texts_heldout=len(heldout), pairs_train=pairs_train,
         pairs_heldout=pairs_heldout, epochs=settings.epochs, steps=steps,
-        heldout_cosine_initial=initial, heldout_cosine=cosine_and_pairs(heldout)[0],
+        heldout_cosine_initial=initial, heldout_cosine=pair_stats(heldout)[0],
         train_cosine=train_cosine, norm_scale=norm_scale, output_norm=output_norm * norm_scale,
         target_norm=target_norm, fit_seconds=time.perf_counter() - started,
         settings={k: v for k, v in asdict(settings).items()
