@@ -34,10 +34,12 @@ demo: assets
 tiny: tiny-data
 	$(PY) -m mmtrain.train configs/tiny.yaml --set checkpoint.resume=never
 
-# A real one-node SLURM cluster (munge, MariaDB + slurmdbd, slurmctld, slurmd, 4 fake GPUs) for the
-# SLURM tests; installs the Debian packages the first time. Needs root.
+# A real SLURM cluster (munge, MariaDB + slurmdbd, slurmctld, 4 fake GPUs a node) for the SLURM tests:
+# node localhost on this machine, plus NODES nodes in network namespaces for multi-node jobs (0 = none);
+# installs the Debian packages the first time. Needs root. `make slurm-down` removes all of it.
+NODES ?= 3
 slurm-up:
-	bash tools/slurm/cluster-up.sh
+	SLURM_NODES=$(NODES) bash tools/slurm/cluster-up.sh
 
 slurm-down:
 	bash tools/slurm/cluster-down.sh

@@ -3,7 +3,8 @@
 One ledger per run folder, `<run>/ledger.jsonl` (a pipeline's output folder, or a training run's
 `output_dir` when `mmtrain train` runs alone). Appends are single `write(2)` calls on an
 `O_APPEND` descriptor under an exclusive `flock`, so any number of ranks, array tasks and requeued
-jobs can append at once without interleaving; a reader skips a line cut short by a kill.
+jobs can append at once without interleaving; an append that fails part-way (a full disk) is cut
+back off, and a reader skips a line cut short by a kill.
 
 Records (every one has `v`, `event`, `time` (Unix seconds), `run`, `stage`, `variant`, `attempt`
 and the `job` block):
@@ -27,7 +28,6 @@ The `job` block: `job_id`, `array_job_id`, `array_task_id`, `restart_count` (SLU
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from mmtrain.config.paths import LEDGER_FILE
+from mmtrain.utils.io import append_line
 
 __all__ = ["ENV_LEDGER", "LEDGER_FILE", "Ledger", "append_record", "new_attempt_id", "read_ledger", "slurm_job"]
 
@@ -51,26 +52,15 @@ ENV_GPUS = "MMTRAIN_GPUS"
 
 
 def append_record(path: str | Path, record: dict[str, Any]) -> None:
-    """Append one JSON line to the ledger: one write under an exclusive lock, then fsync.
+    """Append one JSON line to the ledger (`append_line`: one write under an exclusive lock, cut back
+    off if it fails part-way, then fsync).
 
     The lock (not only O_APPEND) keeps appends whole on file systems where O_APPEND is not atomic
     across hosts; the fsync makes an entry survive the node going down right after it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            data = b"\n" + data  # a writer killed mid-line: keep its fragment off this record's line
-        written = 0
-        while written < len(data):
-            written += os.write(fd, data[written:])
-        os.fsync(fd)
-    finally:
-        os.close(fd)  # closing releases the lock
+    append_line(path, json.dumps(record, separators=(",", ":")), sync=True)
 
 
 def read_ledger(path: str | Path) -> list[dict[str, Any]]:

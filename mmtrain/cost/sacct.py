@@ -23,6 +23,7 @@ FORMAT = "JobIDRaw,JobID,State,ElapsedRaw,AllocTRES,Start,End,ExitCode"
 ACTIVE_STATES = frozenset({"PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "SUSPENDED",
                            "RESIZING", "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT"})
 _GPU_TRES = re.compile(r"^gres/gpu(?::([^=]+))?=(\d+)$")
+_NODE_TRES = re.compile(r"^node=(\d+)$")
 
 
 class SacctUnavailable(RuntimeError):
@@ -43,6 +44,8 @@ class SacctRow:
     """gres/gpu of AllocTRES (0 when absent)."""
     gpu_type: str | None
     """TYPE of a `gres/gpu:TYPE=N` entry, if any."""
+    nodes: int
+    """node= of AllocTRES: how many nodes the allocation spanned (0 before it started)."""
     start: str | None
     end: str | None
     """ISO times; None where sacct says Unknown/None (not started, still running)."""
@@ -65,7 +68,7 @@ def parse_sacct(text: str) -> dict[str, list[SacctRow]]:
         gpus, gpu_type = _gpus(tres)
         jobs.setdefault(raw, []).append(SacctRow(
             job_id_raw=raw, job_id=job_id, state=(state.split() or ["UNKNOWN"])[0], elapsed_s=_int(elapsed),
-            gpus=gpus, gpu_type=gpu_type, start=_time(start), end=_time(end), exit_code=exit_code))
+            gpus=gpus, gpu_type=gpu_type, nodes=_nodes(tres), start=_time(start), end=_time(end), exit_code=exit_code))
     for rows in jobs.values():
         # Not started yet (a requeued instance waiting) sorts last; ISO times sort as strings.
         rows.sort(key=lambda r: (r.start is None, r.start or ""))
@@ -82,6 +85,14 @@ def _gpus(tres: str) -> tuple[int, str | None]:
                 return int(match.group(2)), match.group(1)
             count = int(match.group(2))
     return count, None
+
+
+def _nodes(tres: str) -> int:
+    for item in tres.split(","):
+        match = _NODE_TRES.match(item.strip())
+        if match:
+            return int(match.group(1))
+    return 0
 
 
 def _int(text: str) -> int:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from mmtrain.config.paths import METRICS_FILE
+from mmtrain.engine.disk import OUT_OF_SPACE_ERRNOS, OutOfSpaceError
 from mmtrain.engine.events import EvaluationEnd, Event, StepEnd
 from mmtrain.utils.io import append_line, atomic_write_text
 
@@ -25,16 +26,26 @@ class MetricsLog:
         self.enabled = enabled
 
     def truncate_after(self, step: int) -> None:
-        """Drop lines logged after `step` (a resumed run logs them again)."""
+        """Drop records logged after `step` (a resumed run logs them again) and any line cut short by a
+        killed writer, rewriting the file atomically."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [line for line, record in _parsed_lines(self.path.read_text()) if record.get("step", 0) <= step]
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, record: dict[str, Any]) -> None:
-        if self.enabled:
+        """Append `record` as one whole line (none at all when the disk is full: OutOfSpaceError)."""
+        if not self.enabled:
+            return
+        try:
             append_line(self.path, json.dumps(record))
+        except OSError as exc:
+            if exc.errno not in OUT_OF_SPACE_ERRNOS:
+                raise
+            raise OutOfSpaceError(
+                f"no disk space left to append to {self.path}: free space there, or move the run folder to a bigger "
+                "disk and point output_dir at it; `checkpoint.resume=auto` then resumes from the last complete "
+                "checkpoint") from exc
 
     def handle(self, event: Event) -> None:
         """Sink of the loop's events: logged step records and validation records."""
@@ -48,9 +59,21 @@ class MetricsLog:
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of a run's metrics.jsonl."""
-    path = Path(output_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of a run's metrics.jsonl (a line cut short by a killed writer is skipped)."""
+    return [record for _, record in _parsed_lines((Path(output_dir) / METRICS_FILE).read_text())]
+
+
+def _parsed_lines(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """Each line of a JSONL text that holds one JSON object, with that object; other lines are left out."""
+    parsed = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            parsed.append((line, record))
+    return parsed
 
 
 def local_parameter_report(model: nn.Module) -> dict[str, dict[str, int]]:

@@ -13,7 +13,9 @@ same batches and dropout masks as an uninterrupted one.
 from __future__ import annotations
 
 import logging
+import os
 import platform
+import socket
 import sys
 import time
 import warnings
@@ -331,8 +333,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ records
     def _write_rank_report(self) -> None:
-        report = {"rank": self.rank, "world_size": self.world_size, "zero_stage": self.zero_stage,
-                  "parameters": local_parameter_report(self.model), **peak_memory()}
+        report = {"rank": self.rank, "world_size": self.world_size, "host": socket.gethostname(),
+                  "master": f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}",
+                  "zero_stage": self.zero_stage, "parameters": local_parameter_report(self.model), **peak_memory()}
         atomic_write_json(self.run_dir.rank_report(self.rank), report)
 
     def _run_info(self, resume_from: Path | None) -> dict[str, Any]:

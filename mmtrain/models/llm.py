@@ -12,6 +12,9 @@ as they are created) with Hugging Face's initialisation intact.
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -21,6 +24,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from mmtrain.config.schema import LLMConfig
 from mmtrain.models.attention import packed_attention_inputs
 from mmtrain.models.language_model import IGNORE_INDEX, LanguageModel
+from mmtrain.models.partitioned_load import checkpoint_files, fits, load_into_partitions
 from mmtrain.models.quantization import keep_cpu_layout, quantization_kwargs
 from mmtrain.models.seq2seq import build_seq2seq_llm
 
@@ -29,6 +33,8 @@ __all__ = ["IGNORE_INDEX", "CausalLM", "LanguageModel", "build_llm", "decoder_la
 
 # Architectures whose logits are exactly `lm_head(final hidden state)` (no soft-capping or scaling),
 # for which the loss can be computed on the target positions only.
+log = logging.getLogger("mmtrain")
+
 TARGET_ONLY_LOSS_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral"})
 
 
@@ -152,12 +158,38 @@ def build_llm(cfg: LLMConfig, attn_implementation: str, dtype: torch.dtype = tor
     kwargs = dict(attn_implementation=attn_implementation, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     kwargs.update(quantization_kwargs(cfg, dtype))
     if cfg.name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=config, **kwargs)
+        model = _load_partitioned(cfg, config, kwargs) or AutoModelForCausalLM.from_pretrained(
+            cfg.name_or_path, config=config, **kwargs)
     else:
         model = AutoModelForCausalLM.from_config(config, **kwargs)
     if cfg.quantization != "none":
         keep_cpu_layout(model)
     return CausalLM(model)
+
+
+def _load_partitioned(cfg: LLMConfig, config, kwargs: dict) -> nn.Module | None:
+    """Under ZeRO-3, a local safetensors checkpoint read straight into each rank's partition
+    (`mmtrain.models.partitioned_load`): no rank holds the whole model. None where that does not apply
+    (no ZeRO-3, quantised, a hub name, names that need the architecture's renaming)."""
+    # heavy (seconds to import): only where a model is loaded
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not (is_deepspeed_zero3_enabled() and cfg.quantization == "none" and dist.is_initialized()):
+        return None
+    files = checkpoint_files(cfg.name_or_path) if Path(cfg.name_or_path).is_dir() else None
+    if files is None:
+        return None
+    model = AutoModelForCausalLM.from_config(config, **kwargs)
+    if fits(model, files):
+        return None
+    read = load_into_partitions(model, cfg.name_or_path, dist.get_rank(), dist.get_world_size())
+    log.info("read %s into ZeRO-3 partitions: %s of its %s elements on this rank", cfg.name_or_path, f"{read:,}",
+             f"{sum(int(getattr(p, 'ds_numel', p.numel())) for p in model.parameters()):,}")
+    if (Path(cfg.name_or_path) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(cfg.name_or_path)
+    model.eval()
+    return model
 
 
 def llm_is_encoder_decoder(cfg: LLMConfig) -> bool | None:

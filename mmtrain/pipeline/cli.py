@@ -3,7 +3,8 @@
 Runs a recipe's stages in order in one run folder, skipping completed stages and resuming an
 interrupted one. Exit codes: 0 done; 1 a stage failed (the message names it and its folder);
 2 a recipe or usage error, or a run folder that disagrees with the recipe; 3 a stage stopped at
-`stop_after_steps` (run again to continue).
+`stop_after_steps` (run again to continue); 4 (with --srun) a stage's processes died with a node of the
+job (SLURM requeues a requeueable job; the stage resumes from its last checkpoint).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None, prog: str = "mmtrain run") -> int:
     # dispatch: import only what this command runs
     from mmtrain.pipeline.recipe import load_recipe
     from mmtrain.pipeline.runner import PipelineError, format_plan, run_pipeline
+    from mmtrain.slurm.health import allocation_lost_node
     from mmtrain.slurm.submit import cancel_waiting_jobs
 
     if args.restart_from and (args.plan or args.stage):
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None, prog: str = "mmtrain run") -> int:
     signal.signal(signal.SIGTERM, _exit_on_signal)  # stop the running stage's subprocess cleanly
     try:
         return run_pipeline(pipeline, only=args.stage, restart_from=args.restart_from,
-                            on_failure=[cancel_waiting_jobs])
+                            on_failure=[cancel_waiting_jobs], lost_node=allocation_lost_node if args.srun else None)
     except PipelineError as exc:  # its own exit code: 1 a stage failed, 2 the run folder disagrees
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

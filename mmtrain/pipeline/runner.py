@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Sequence, TextIO
+from typing import Callable, Iterator, Sequence, TextIO
 
 from mmtrain.assets.common import AssetError
 from mmtrain.assets.registry import ASSET_PREFIX, resolve_asset_reference
@@ -47,13 +49,19 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_STOPPED = 3
 """A stage ended at `stop_after_steps`, before `max_steps`: run again to continue it."""
-OUTCOMES = {0: "done", EXIT_FAILED: "failed", EXIT_STOPPED: "stopped", EXIT_REQUEUE: "preempted"}
+EXIT_NODE_LOST = 4
+"""A stage's processes died with a node of the allocation: the scheduler's to requeue, not the stage's fault."""
+OUTCOMES = {0: "done", EXIT_FAILED: "failed", EXIT_STOPPED: "stopped", EXIT_REQUEUE: "preempted",
+            EXIT_NODE_LOST: "node_lost"}
 # Return codes of a subprocess stopped by the scheduler's signals (directly, through a shell or srun).
 _SIGNALLED = {-10, -15, 128 + 10, 128 + 15, 10, 15}
 
 
 StageFailureHook = Callable[[Stage, TextIO], None]
 """Called by `run_stage` with a stage that failed (e.g. to cancel the SLURM jobs waiting for it)."""
+LostNodeCheck = Callable[[], str | None]
+"""Asked by `run_stage` when a stage's processes fail: why the cause is a node lost by the allocation
+(e.g. `node mmnode2 is down`), or None for an ordinary failure."""
 
 
 class PipelineError(UserError, RuntimeError):
@@ -65,7 +73,8 @@ class PipelineError(UserError, RuntimeError):
 
 
 def run_pipeline(pipeline: Pipeline, only: str | None = None, restart_from: str | None = None,
-                 out: TextIO | None = None, on_failure: Sequence[StageFailureHook] = ()) -> int:
+                 out: TextIO | None = None, on_failure: Sequence[StageFailureHook] = (),
+                 lost_node: LostNodeCheck | None = None) -> int:
     """Run the recipe's stages in order (or only the stage `only`), skipping completed ones.
 
     Args:
@@ -74,6 +83,8 @@ def run_pipeline(pipeline: Pipeline, only: str | None = None, restart_from: str 
             from scratch.
         on_failure: called with a stage that failed and the output stream (the SLURM layer cancels
             the jobs that wait for it).
+        lost_node: tells a lost node from a failure (the SLURM layer asks the scheduler); a stage
+            whose processes died with a node ends `node_lost`, resumable, and no `on_failure` hook runs.
 
     Returns:
         0 when every stage run is done, EXIT_STOPPED when one ended at `stop_after_steps`.
@@ -103,7 +114,7 @@ def run_pipeline(pipeline: Pipeline, only: str | None = None, restart_from: str 
                 print(f"skip {tag}: done (step {state.record.get('steps')}/{stage.config.max_steps}{loss_text}) "
                       f"in {stage.folder}", file=out, flush=True)
                 continue
-            code = run_stage(pipeline, stage, out, on_failure)
+            code = run_stage(pipeline, stage, out, on_failure, lost_node)
             write_summary(pipeline)
             if code != 0:
                 return code
@@ -114,13 +125,15 @@ def run_pipeline(pipeline: Pipeline, only: str | None = None, restart_from: str 
     return 0
 
 
-def run_stage(pipeline: Pipeline, stage: Stage, out: TextIO, on_failure: Sequence[StageFailureHook] = ()) -> int:
+def run_stage(pipeline: Pipeline, stage: Stage, out: TextIO, on_failure: Sequence[StageFailureHook] = (),
+              lost_node: LostNodeCheck | None = None) -> int:
     """Train one stage (resuming if it has checkpoints), run its evals, write its stage.json.
 
     The attempt is recorded in the run's ledger (`stage_start`, a `task` per subprocess,
     `stage_end`). Under SLURM, a stage stopped by the scheduler's warning signal requeues its job
     (it resumes from the checkpoint written on the signal); a failed stage is handed to every
-    `on_failure` hook.
+    `on_failure` hook, unless `lost_node` says its processes died with a node (the scheduler
+    requeues such a job itself; the stage resumes from its last complete checkpoint).
     """
     tag = f"[{stage.index}/{len(pipeline.stages)}] {stage.name}"
     ledger = stage_ledger(pipeline, stage)
@@ -130,18 +143,24 @@ def run_stage(pipeline: Pipeline, stage: Stage, out: TextIO, on_failure: Sequenc
     code: int | None = None
     try:
         with stage_lock(stage.folder):
-            code = _run_stage_locked(pipeline, stage, tag, out, ledger)
+            code = _run_stage_locked(pipeline, stage, tag, out, ledger, lost_node)
     except StageBusyError as exc:
         code = EXIT_FAILED
         raise PipelineError(f"stage {stage.name}: {exc}; wait for it to end", EXIT_FAILED) from None
     finally:
-        record = read_json(stage.folder / STAGE_FILE) or {}
-        ledger.write("stage_end", outcome=OUTCOMES.get(code, "failed") if code is not None else "interrupted",
-                     returncode=code, wall_s=round(time.monotonic() - started, 3), step=latest_step(stage.folder),
-                     message=record.get("message") if code == EXIT_FAILED else None)
+        with _signals_deferred():  # the scheduler's SIGTERM follows a lost node closely: record the end first
+            if code is None and lost_node is not None:  # stopped by a signal: was it the node failure's?
+                lost = lost_node()
+                if lost:
+                    code = _lost_node(stage, "processes were stopped", lost)
+            record = read_json(stage.folder / STAGE_FILE) or {}
+            ledger.write("stage_end", outcome=OUTCOMES.get(code, "failed") if code is not None else "interrupted",
+                         returncode=code, wall_s=round(time.monotonic() - started, 3),
+                         step=latest_step(stage.folder),
+                         message=record.get("message") if code in (EXIT_FAILED, EXIT_NODE_LOST) else None)
     if code == EXIT_REQUEUE:
         _requeue(stage, out)
-    elif code == EXIT_FAILED:
+    elif code == EXIT_FAILED:  # not EXIT_NODE_LOST: the stages waiting for this one still can run
         for hook in on_failure:
             hook(stage, out)
     return code
@@ -170,7 +189,19 @@ def _requeue(stage: Stage, out: TextIO) -> None:
               f"(mmtrain submit ... --stage {stage.name})", file=sys.stderr, flush=True)
 
 
-def _run_stage_locked(pipeline: Pipeline, stage: Stage, tag: str, out: TextIO, ledger: Ledger) -> int:
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGTERM and SIGINT wait until the block is done (then arrive as usual)."""
+    blocked = {signal.SIGTERM, signal.SIGINT}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _run_stage_locked(pipeline: Pipeline, stage: Stage, tag: str, out: TextIO, ledger: Ledger,
+                      lost_node: LostNodeCheck | None = None) -> int:
     folder = stage.folder
     close_dangling_attempts(folder)
     (folder / STAGE_FILE).unlink(missing_ok=True)  # not done until this run says so
@@ -191,7 +222,8 @@ def _run_stage_locked(pipeline: Pipeline, stage: Stage, tag: str, out: TextIO, l
         if code == EXIT_REQUEUE or (code in _SIGNALLED and step is not None):
             return EXIT_REQUEUE
         if code != 0:
-            return _fail(pipeline, stage, f"training exited with code {code}", folder / "logs" / "train.log")
+            return _fail(pipeline, stage, f"training exited with code {code}", folder / "logs" / "train.log",
+                         lost_node)
         if step != max_steps:
             if stage.config.stop_after_steps is not None and step is not None:
                 message = (f"stage {stage.name} stopped at step {step} of {max_steps} (stop_after_steps="
@@ -219,7 +251,7 @@ def _run_stage_locked(pipeline: Pipeline, stage: Stage, tag: str, out: TextIO, l
         if code in _SIGNALLED:  # the scheduler's warning during an evaluation: redo it after the requeue
             return EXIT_REQUEUE
         if code != 0:
-            return _fail(pipeline, stage, f"eval {spec.name} exited with code {code}", log)
+            return _fail(pipeline, stage, f"eval {spec.name} exited with code {code}", log, lost_node)
         if read_json(result_file) is None:
             return _fail(pipeline, stage, f"eval {spec.name} wrote no JSON object to {result_file}", log)
     atomic_write_json(folder / STAGE_FILE, stage_record(stage, "done"))
@@ -227,13 +259,28 @@ def _run_stage_locked(pipeline: Pipeline, stage: Stage, tag: str, out: TextIO, l
     return 0
 
 
-def _fail(pipeline: Pipeline, stage: Stage, what: str, log: Path | None) -> int:
+def _fail(pipeline: Pipeline, stage: Stage, what: str, log: Path | None,
+          lost_node: LostNodeCheck | None = None) -> int:
+    lost = lost_node() if lost_node is not None else None
+    if lost:
+        return _lost_node(stage, what, lost)
     message = f"stage {stage.name} failed: {what}; stage folder: {stage.folder}"
     if log is not None:
         message += f", log: {log}"
     atomic_write_json(stage.folder / STAGE_FILE, stage_record(stage, "failed", message))
     print(f"error: {message}", file=sys.stderr, flush=True)
     return EXIT_FAILED
+
+
+def _lost_node(stage: Stage, what: str, lost: str) -> int:
+    """Record that the stage's processes died with a node (`lost` says which): resumable, not failed."""
+    step = latest_step(stage.folder)
+    resume = f"the checkpoint of step {step}" if step is not None else "the start"
+    message = (f"stage {stage.name} lost a node: {lost}; its {what}. The stage resumes from {resume} when the job "
+               "runs again (SLURM requeues a requeueable job on a node failure; otherwise resubmit it)")
+    atomic_write_json(stage.folder / STAGE_FILE, stage_record(stage, "interrupted", message))
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return EXIT_NODE_LOST
 
 
 def _resolve_data(data: str) -> str:

@@ -1,7 +1,9 @@
 """`mmtrain status RUN`: each submitted stage's jobs and their states, from sacct (and squeue's reasons).
 
 A failed stage is named with its exit code and where its logs are (the job's SLURM log and the
-stage's own `logs/train.log`), together with the stages cancelled because they waited for it.
+stage's own `logs/train.log`), together with the stages cancelled because they waited for it. Earlier
+instances of a requeued job (preempted, or ended by a node failure) are listed as notes, with the
+node the runner saw lost and the step it resumed from.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mmtrain.cost.ledger import LEDGER_FILE, read_ledger
 from mmtrain.cost.sacct import ACTIVE_STATES, SacctRow, SacctUnavailable, query_jobs
 from mmtrain.errors import UserError
 from mmtrain.pipeline.state import read_json
@@ -40,38 +43,48 @@ def stage_jobs(record: dict[str, Any]) -> dict[str, list[SacctRow]]:
     return out
 
 
-def pending_reasons(job_ids: list[str]) -> dict[str, str]:
-    """squeue's reason for each queued job or array task (`Dependency`, `Priority`, ...)."""
+def queued_jobs(job_ids: list[str]) -> dict[str, tuple[str, str | None]]:
+    """squeue's state and reason (`Dependency`, `BeginTime`, ...) of each job or array task still queued.
+
+    squeue is the live view: a job requeued after a node failure is PENDING here while sacct may still
+    show only the instance that ended."""
     if not job_ids or shutil.which("squeue") is None:
         return {}
     result = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i|%T|%r"], capture_output=True,
                             text=True, timeout=60)
-    reasons = {}
+    queued = {}
     for line in result.stdout.splitlines():
         parts = line.split("|")
-        if len(parts) == 3 and parts[2] not in ("None", ""):
-            reasons[parts[0]] = parts[2]
-    return reasons
+        if len(parts) == 3:
+            queued[parts[0]] = (parts[1], parts[2] if parts[2] not in ("None", "") else None)
+    return queued
 
 
-def summarise(record: dict[str, Any], jobs: dict[str, list[SacctRow]], reasons: dict[str, str]) -> dict[str, Any]:
-    """Per stage: job id, state(s), restarts, log; plus which stage failed and what it took down."""
+def summarise(record: dict[str, Any], jobs: dict[str, list[SacctRow]],
+              queued: dict[str, tuple[str, str | None]], ledger: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Per stage: job id, state(s), restarts, log, notes on earlier instances; plus which stage failed and
+    what it took down. `queued`: squeue's (state, reason) of the jobs still queued, which wins over an
+    ended instance in sacct (a requeue in progress); `ledger`: the run's ledger records (what the
+    runner saw when a node was lost)."""
     stages = []
     failed = []
+    reasons = {job: reason for job, (_, reason) in queued.items() if reason}
     for entry in record["stages"]:
         rows = jobs.get(entry["name"], [])
         latest = _latest_per_task(rows)
-        states = sorted({r.state for r in latest})
-        restarts = sum(1 for r in rows if r.state == "REQUEUED")
+        live = {r.job_id: queued[r.job_id][0] for r in latest if r.job_id in queued and r.state not in ACTIVE_STATES}
+        states = sorted({live.get(r.job_id, r.state) for r in latest})
+        ended = [r for r in rows if r not in latest or r.job_id in live]  # instances that were requeued
         row = {"name": entry["name"], "job_id": entry.get("job_id"), "array": entry.get("array"),
                "states": states or (["NOT SUBMITTED"] if not entry.get("job_id") else ["UNKNOWN"]),
-               "tasks": {r.job_id: r.state for r in latest}, "restarts": restarts,
+               "tasks": {r.job_id: live.get(r.job_id, r.state) for r in latest}, "restarts": len(ended),
                "elapsed_s": sum(r.elapsed_s for r in rows),
                "reason": next((v for k, v in reasons.items() if k.split("_")[0] == entry.get("job_id")), None),
                "slurm_logs": [str(p) for p in _slurm_logs(entry, latest)],
-               "stage_folders": entry.get("stage_folders", [])}
+               "stage_folders": entry.get("stage_folders", []),
+               "notes": _requeued_instances(entry["name"], rows, ended, ledger or [])}
         stages.append(row)
-        ran_and_failed = [r for r in latest if r.state in FAILED_STATES and r.elapsed_s > 0]
+        ran_and_failed = [r for r in latest if r.state in FAILED_STATES and r.elapsed_s > 0 and r.job_id not in live]
         if ran_and_failed:
             failed.append(row)
     for row in failed:
@@ -81,6 +94,28 @@ def summarise(record: dict[str, Any], jobs: dict[str, list[SacctRow]], reasons: 
     ok = final and all(s["states"] == ["COMPLETED"] for s in stages if s["job_id"])
     return {"run": record["output_dir"], "recipe": record["recipe"], "submitted_at": record["submitted_at"],
             "stages": stages, "final": final, "ok": ok, "failed": [s["name"] for s in failed]}
+
+
+def _requeued_instances(stage: str, rows: list[SacctRow], ended: list[SacctRow],
+                        ledger: list[dict[str, Any]]) -> list[str]:
+    """One line per instance in `ended` (it ended and its job was requeued), with the lost node the runner
+    recorded, if any."""
+    lost = [r for r in ledger if r.get("event") == "stage_end" and r.get("stage") == stage
+            and r.get("outcome") == "node_lost"]
+    notes = []
+    for row in ended:
+        note = f"job {row.job_id} ended {row.state} after {row.elapsed_s} s and was requeued"
+        seen = [r for r in lost if (r.get("job") or {}).get("job_id") == row.job_id_raw
+                and (r.get("job") or {}).get("restart_count", 0) == _instance(row, rows)]
+        if seen and seen[0].get("message"):
+            note += f": {seen[0]['message']}"
+        notes.append(note)
+    return notes
+
+
+def _instance(row: SacctRow, rows: list[SacctRow]) -> int:
+    """The row's instance number within its task (SLURM_RESTART_COUNT of that run)."""
+    return [r for r in rows if r.job_id == row.job_id].index(row)
 
 
 def _latest_per_task(rows: list[SacctRow]) -> list[SacctRow]:
@@ -126,6 +161,8 @@ def format_status(summary: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
     for s in summary["stages"]:
+        for note in s.get("notes", []):
+            lines.append(f"note: stage {s['name']}: {note}")
         if s.get("message"):
             lines.append(f"error: {s['message']}")
     return "\n".join(lines)
@@ -148,7 +185,7 @@ def run_status(run_dir: str | Path, wait_s: float = 0.0, poll_s: float = 5.0) ->
         except SacctUnavailable as exc:
             raise StatusError(f"cannot read job states: {exc}") from None
         ids = [e["job_id"] for e in record["stages"] if e.get("job_id")]
-        summary = summarise(record, jobs, pending_reasons(ids))
+        summary = summarise(record, jobs, queued_jobs(ids), read_ledger(Path(run_dir) / LEDGER_FILE))
         if summary["final"] or time.monotonic() >= deadline:
             return summary
         time.sleep(poll_s)

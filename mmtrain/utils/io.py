@@ -1,11 +1,13 @@
 """Atomic file writes: write to a temporary name in the same folder, fsync, then rename.
 
 A reader (or a resumed job) therefore sees either the old file or the complete new one, never a
-half-written one, even when the writer is killed mid-write.
+half-written one, even when the writer is killed mid-write. Append-only logs (metrics, the ledger,
+skipped samples) grow by whole lines only (`append_line`), also when the disk fills up.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -47,14 +49,38 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def append_line(path: str | Path, line: str) -> None:
-    """Append one line with a single write (O_APPEND), so concurrent writers never interleave."""
+def append_line(path: str | Path, line: str, sync: bool = False) -> None:
+    """Append one line so that the file only ever holds whole lines.
+
+    The line goes out in one `write(2)` on an `O_APPEND` descriptor under an exclusive `flock`, so
+    concurrent writers (ranks, DataLoader workers, requeued jobs, hosts sharing a file system) never
+    interleave. A line left unterminated by a writer killed mid-write is ended first (its fragment
+    keeps a line of its own, which readers skip); a write that fails part-way (a full disk) is cut
+    back off before the error propagates. `sync`: fsync, so the line survives the node going down.
+    """
     data = (line.rstrip("\n") + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, data)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
+        try:
+            _write_all(fd, data)
+            if sync:
+                os.fsync(fd)
+        except BaseException:
+            os.ftruncate(fd, size)
+            raise
     finally:
-        os.close(fd)
+        os.close(fd)  # closing releases the lock
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write every byte of `data` (a single write unless the kernel accepts only part of it)."""
+    written = 0
+    while written < len(data):
+        written += os.write(fd, data[written:])
 
 
 def file_digest(path: str | Path, algorithm: str = "sha256", **options: Any) -> str:

@@ -7,6 +7,7 @@ tests then check falling loss, partitioning, frozen weights, checkpoints and res
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -40,8 +41,9 @@ def engine_run(request, tiny_assets, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
     cfg = stage_config(tiny_assets, out / "run", request.param)
     path = write_config(cfg, out / "config.yaml")
-    launch([HARNESS, str(path)], nprocs=2)
-    return {"stage": request.param, "run": out / "run", "config": path, "assets": tiny_assets}
+    result = launch([HARNESS, str(path)], nprocs=2)
+    return {"stage": request.param, "run": out / "run", "config": path, "assets": tiny_assets,
+            "output": result.stdout + result.stderr}
 
 
 def test_loss_falls(engine_run):
@@ -81,6 +83,15 @@ def test_each_rank_holds_its_partition_of_the_llm(engine_run):
             assert llm["local_numel"] < 0.55 * llm["numel"], llm
         else:
             assert llm["local_numel"] == llm["numel"]
+    # Under ZeRO-3 each rank read from the checkpoint only what its partition holds, not the whole LLM
+    # (mmtrain.models.partitioned_load); the weights are the ones on disk (test above).
+    reads = re.findall(r"into ZeRO-3 partitions: ([\d,]+) of its ([\d,]+) elements", engine_run["output"])
+    if engine_run["stage"].startswith("zero3"):
+        assert reads, engine_run["output"][-3000:]  # rank 0 logs
+        for read, total in reads:
+            assert int(read.replace(",", "")) < 0.6 * int(total.replace(",", "")), reads
+    else:
+        assert reads == []
 
 
 def test_trainable_checkpoint_loads_without_deepspeed(engine_run):

@@ -143,6 +143,33 @@ def test_failing_stage_stops_the_pipeline_naming_it(tiny_assets, tmp_path):
     assert not (tmp_path / "runs" / "02-finetune").exists()
 
 
+def test_a_stage_whose_node_was_lost_is_interrupted_not_failed(tiny_assets, tmp_path):
+    """The check that tells a lost node from a failure (under SLURM: `mmtrain.slurm.health`) decides what a
+    failed training process means: resumable, and the stages waiting for it are left alone."""
+    import io
+
+    from mmtrain.cost.ledger import read_ledger
+    from mmtrain.pipeline.recipe import load_recipe
+    from mmtrain.pipeline.runner import EXIT_NODE_LOST, run_pipeline
+
+    stages = [{"name": "align", "set": {"max_steps": 2, "data.train": str(tmp_path / "missing.jsonl")}}]
+    pipeline = load_recipe(write_recipe(tmp_path, tiny_assets, stages))
+    hooked = []
+    code = run_pipeline(pipeline, out=io.StringIO(), on_failure=[lambda stage, out: hooked.append(stage.name)],
+                        lost_node=lambda: "job 7: node(s) n2 (down*) down or not responding")
+    assert code == EXIT_NODE_LOST and hooked == []
+    record = json.loads((tmp_path / "runs" / "01-align" / "stage.json").read_text())
+    assert record["status"] == "interrupted" and "n2 (down*)" in record["message"]
+    assert "resumes from the start" in record["message"]
+    end = [r for r in read_ledger(tmp_path / "runs" / "ledger.jsonl") if r["event"] == "stage_end"][-1]
+    assert end["outcome"] == "node_lost" and end["message"] == record["message"]
+    # the same failure with every node healthy is the stage's own
+    code = run_pipeline(pipeline, out=io.StringIO(), on_failure=[lambda stage, out: hooked.append(stage.name)],
+                        lost_node=lambda: None)
+    assert code == 1 and hooked == ["align"]
+    assert json.loads((tmp_path / "runs" / "01-align" / "stage.json").read_text())["status"] == "failed"
+
+
 def test_stage_evals_run_after_training_and_are_not_redone(tiny_assets, tmp_path):
     stages = [{"name": "align", "set": {"max_steps": 2},
                "evals": [{"name": "val", "data": str(tiny_assets["val"]), "max_samples": 4, "generate": 1,

@@ -8,18 +8,15 @@ accounting are SLURM's own.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 import time
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO
+from tests.integration.slurm_cluster import ensure_cluster, losses, mmtrain, sacct, wait_final, write_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -27,50 +24,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def slurm_cluster():
     """The local cluster, started by the project's own script when it is not up (CI starts it first)."""
-    def up() -> bool:
-        return shutil.which("sinfo") is not None and subprocess.run(
-            ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout.strip() in ("idle", "mixed",
-                                                                                           "allocated")
-    if not up():
-        result = subprocess.run(["bash", str(REPO / "tools" / "slurm" / "cluster-up.sh")], capture_output=True,
-                                text=True, timeout=600)
-        assert result.returncode == 0, f"tools/slurm/cluster-up.sh failed:\n{result.stdout}\n{result.stderr}"
-    assert up(), "the SLURM cluster is not up after tools/slurm/cluster-up.sh"
+    ensure_cluster()
     yield
-
-
-def mmtrain(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mmtrain", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"})
-
-
-def write_recipe(tmp_path: Path, assets, stages: list, slurm: dict, nprocs: int = 1, **base) -> Path:
-    config = tiny_config(assets, tmp_path / "unused", **{"data.val": str(assets["val"]), **base})
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump(config))
-    recipe = {"name": "tiny", "output_dir": str(tmp_path / "run"), "defaults": "base.yaml",
-              "launch": {"nprocs": nprocs}, "slurm": {"gres_type": "", **slurm}, "stages": stages}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return path
-
-
-def wait_final(run: Path, timeout: int = 420) -> tuple[int, dict]:
-    """`mmtrain status RUN --wait` until every job ended; (exit code, status JSON)."""
-    result = mmtrain("status", str(run), "--wait", str(timeout), "--json", timeout=timeout + 60)
-    assert result.returncode in (0, 1), f"status: {result.returncode}\n{result.stdout}\n{result.stderr}"
-    return result.returncode, json.loads(result.stdout)
-
-
-def sacct(job_ids: list[str]) -> list[dict]:
-    from mmtrain.cost.sacct import wait_for_final
-
-    rows = wait_for_final(job_ids, timeout_s=60, poll_s=1)
-    return [r.as_dict() for instances in rows.values() for r in instances]
-
-
-def losses(folder: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
-            if "loss" in r}
 
 
 def test_two_stages_chained_afterok_two_rank_srun_and_cost_report(slurm_cluster, tiny_assets, tmp_path):

@@ -127,9 +127,11 @@ def attempts_by_id(report: dict) -> dict:
 # ---------------------------------------------------------------------------------------------- sacct
 def test_parse_sacct_requeued_job_typed_gres_and_states():
     text = SACCT_TEXT + ("126|126|RUNNING|12|billing=1,cpu=1,node=1|2024-05-01T13:00:00|Unknown|0:0\n"
+                         "127|127|COMPLETED|60|billing=4,cpu=4,gres/gpu=4,node=2|2024-05-01T13:00:00|"
+                         "2024-05-01T13:01:00|0:0\n"
                          "130|129_1|PENDING|0||Unknown|Unknown|0:0\n")
     jobs = sacct.parse_sacct(text)
-    assert sorted(jobs) == ["123", "124", "125", "126", "130"]
+    assert sorted(jobs) == ["123", "124", "125", "126", "127", "130"]
     first, second = jobs["123"]
     assert (first.state, first.elapsed_s, first.gpus, first.start) == ("REQUEUED", 400, 2, "2024-05-01T10:00:00")
     assert (second.state, second.elapsed_s, second.gpus) == ("COMPLETED", 1000, 2)
@@ -137,6 +139,7 @@ def test_parse_sacct_requeued_job_typed_gres_and_states():
     assert jobs["125"][0].state == "CANCELLED"
     assert (jobs["126"][0].gpus, jobs["126"][0].end) == (0, None)
     assert (jobs["130"][0].job_id, jobs["130"][0].start, jobs["130"][0].state) == ("129_1", None, "PENDING")
+    assert (jobs["127"][0].nodes, jobs["127"][0].gpus, jobs["126"][0].nodes, jobs["130"][0].nodes) == (2, 4, 1, 0)
 
 
 def test_parse_sacct_sorts_instances_by_start():

@@ -19,7 +19,7 @@ from mmtrain.pipeline.recipe import LaunchConfig
 from mmtrain.slurm.cli import submit_main
 from mmtrain.slurm.options import resolve_options
 from mmtrain.slurm.render import parse_array_over, variants
-from mmtrain.slurm.status import summarise
+from mmtrain.slurm.status import format_status, summarise
 from mmtrain.slurm.submit import dependents, plan, sbatch_command
 from tests.unit.test_recipe import TWO_STAGES, write_recipe
 
@@ -164,3 +164,32 @@ def test_status_of_requeued_and_array_jobs():
     stage = summary["stages"][0]
     assert stage["tasks"] == {"20_0": "COMPLETED", "20_1": "RUNNING"} and stage["restarts"] == 1
     assert not summary["final"]
+
+
+def test_status_of_a_job_requeued_after_a_node_failure_names_the_lost_node():
+    record = {"output_dir": "o", "recipe": "r", "submitted_at": "t", "stages": [
+        {"name": "train", "job_id": "30", "array": None, "depends_on": [], "script": "/x/01-train.sbatch",
+         "log": "/x/logs", "stage_folders": []}]}
+    lost = {"event": "stage_end", "stage": "train", "outcome": "node_lost", "job": {"job_id": "30", "restart_count": 0},
+            "message": "stage train lost a node: job 30: node(s) n2 (down*) down or not responding"}
+    ended = "30|30|NODE_FAIL|134|billing=4,gres/gpu=4,node=2|2026-01-01T10:00:00|2026-01-01T10:02:14|0:0\n"
+    # sacct may not list the requeued instance yet: squeue's PENDING wins over the ended one
+    summary = summarise(record, {"train": parse_sacct(ended)["30"]}, {"30": ("PENDING", "BeginTime")}, [lost])
+    stage = summary["stages"][0]
+    assert stage["states"] == ["PENDING"] and stage["reason"] == "BeginTime" and stage["restarts"] == 1
+    assert not summary["final"] and summary["failed"] == []
+    assert stage["notes"] == ["job 30 ended NODE_FAIL after 134 s and was requeued: " + lost["message"]]
+    # once the new instance runs, sacct lists both
+    rows = parse_sacct(ended + "30|30|RUNNING|20|billing=4,gres/gpu=4,node=2|2026-01-01T10:02:30|Unknown|0:0\n")
+    stage = summarise(record, {"train": rows["30"]}, {"30": ("RUNNING", None)}, [lost])["stages"][0]
+    assert stage["states"] == ["RUNNING"] and stage["restarts"] == 1 and "n2 (down*)" in stage["notes"][0]
+    assert "note: stage train: job 30 ended NODE_FAIL" in format_status(
+        summarise(record, {"train": rows["30"]}, {}, [lost]))
+
+
+def test_node_states_that_mean_a_lost_node():
+    from mmtrain.slurm.health import is_lost, lost_nodes
+
+    assert [is_lost(s) for s in ("down*", "idle*", "mixed*", "down", "down~", "fail", "failing")] == [True] * 7
+    assert [is_lost(s) for s in ("idle", "mixed", "allocated", "completing", "draining")] == [False] * 5
+    assert lost_nodes({}) == {}  # outside a job: nothing to ask

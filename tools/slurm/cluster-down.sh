@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# cluster-down.sh -- stop the single-node SLURM cluster started by tools/slurm/cluster-up.sh.
+# cluster-down.sh -- stop the SLURM cluster started by tools/slurm/cluster-up.sh.
 #
-#   cluster-down.sh           cancel all jobs, stop slurmd, slurmctld, slurmdbd, mariadbd, munged
+#   cluster-down.sh           cancel all jobs, stop every slurmd, slurmctld, slurmdbd, mariadbd,
+#                             munged; remove the namespace nodes (their processes, links and
+#                             namespaces), the bridge and the nodes' block in /etc/hosts
 #   cluster-down.sh --purge   the same, then delete the controller/slurmd state, the logs in
 #                             /var/log/slurm and the accounting database (next up = fresh cluster)
 #
@@ -13,7 +15,7 @@ PURGE=0
 for arg in "$@"; do
   case $arg in
     --purge) PURGE=1 ;;
-    -h | --help) sed -n '2,9s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,11s/^# \{0,1\}//p' "$0"; exit 0 ;;
     *) echo "cluster-down: unknown argument '$arg' (use --purge or --help)" >&2; exit 2 ;;
   esac
 done
@@ -21,7 +23,7 @@ done
 
 LOG_DIR=/var/log/slurm
 CTLD_PID=/run/slurm/slurmctld.pid
-SLURMD_PID=/run/slurm/slurmd.pid
+RUN_DIR=/run/slurm
 DBD_PID=/run/slurm/slurmdbd.pid
 MARIADB_PID=/run/mysqld/mariadbd.pid
 MUNGED_PID=/run/munge/munged.pid
@@ -29,7 +31,10 @@ DB_NAME=slurm_acct_db
 
 say() { echo "[cluster-down] $*"; }
 
+die() { echo "cluster-down: ERROR: $*" >&2; exit 1; }
+
 source "$(dirname "$0")/daemons.sh"
+source "$(dirname "$0")/nodes.sh"
 
 # 1. cancel every job so no job processes outlive slurmd, and let the records reach slurmdbd
 if running "$CTLD_PID" slurmctld && command -v squeue >/dev/null; then
@@ -46,7 +51,10 @@ if running "$CTLD_PID" slurmctld && command -v squeue >/dev/null; then
 fi
 
 # 2. daemons, in the reverse order of cluster-up.sh
-halt "$SLURMD_PID" slurmd
+halt "$(node_pidfile localhost)" slurmd
+for node in $(existing_nodes); do node_remove "$node"; done
+bridge_remove
+NODES=0 hosts_block_write
 halt "$CTLD_PID" slurmctld
 halt "$DBD_PID" slurmdbd
 if ((PURGE)) && running "$MARIADB_PID" mariadbd; then

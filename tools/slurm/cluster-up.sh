@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
-# cluster-up.sh -- bring up a real single-node SLURM cluster on this machine for mmtrain's
-# tests and CI: munge, MariaDB, slurmdbd (accounting, so `sacct` works), slurmctld and slurmd,
-# with fake GPUs exposed as GRES. Debian 12 (slurm-wlm 22.05), run as root, no systemd needed.
+# cluster-up.sh -- bring up a real SLURM cluster on this machine for mmtrain's tests and CI:
+# munge, MariaDB, slurmdbd (accounting, so `sacct` works), slurmctld and slurmd, with fake GPUs
+# exposed as GRES. Node `localhost` (partition `debug`, the default) runs on the machine itself;
+# SLURM_NODES more nodes `mmnode1..N` (partition `multi`) each run in their own network and UTS
+# namespace with their own address and slurmd (tools/slurm/nodes.sh), for multi-node jobs. Debian 12 (slurm-wlm 22.05), run as root, no systemd needed.
 #
 # Safe to run repeatedly: packages are installed only when missing, daemons are started only
 # when not running, and slurmctld+slurmd are restarted when slurm.conf / gres.conf change.
 #
 # Knobs (environment):
-#   SLURM_FAKE_GPUS   fake GPUs on the node, as GRES gpu (default 4; 0 = no GRES)
-#   SLURM_CPUS        CPUs the node declares; may exceed the real cores (default 8)
+#   SLURM_FAKE_GPUS   fake GPUs on each node, as GRES gpu (default 4; 0 = no GRES)
+#   SLURM_CPUS        CPUs each node declares; may exceed the real cores (default 8)
+#   SLURM_NODES       namespace nodes mmnode1..N in partition multi (default 0: only localhost);
+#                     fewer than before removes the extra ones
+#   SLURM_NODE_NET    the /24 of their private bridge, as its first three numbers (default 10.213.0)
 #   SLURM_MEM_MB      RealMemory of the node in MB (default: 90% of MemTotal)
 #   SLURM_CLUSTER     ClusterName, also registered in the accounting DB (default mmtrain)
 #   SLURM_UP_TIMEOUT  seconds to wait for each daemon and for the node to go idle (default 60)
 #   SLURM_CRED_EXPIRE job credential lifetime in seconds; it is also how long a requeued job
 #                     stays ineligible before it can start again (default 10; Slurm's own is 120)
 #
-# Logs: /var/log/slurm/{slurmctld,slurmd,slurmdbd,mariadb}.log, /var/log/munge/munged.log,
+# Logs: /var/log/slurm/{slurmctld,slurmd-NODE,slurmdbd,mariadb}.log, /var/log/munge/munged.log,
 # install log /var/log/slurm/apt-install.log. Stop with tools/slurm/cluster-down.sh.
 set -euo pipefail
 
@@ -24,6 +29,8 @@ NODE_CPUS=${SLURM_CPUS:-8}
 CLUSTER=${SLURM_CLUSTER:-mmtrain}
 UP_TIMEOUT=${SLURM_UP_TIMEOUT:-60}
 CRED_EXPIRE=${SLURM_CRED_EXPIRE:-10}
+NODES=${SLURM_NODES:-0}
+NODE_NET=${SLURM_NODE_NET:-10.213.0}
 NODE_MEM=${SLURM_MEM_MB:-$(awk '/^MemTotal:/ { printf "%d", $2 / 1024 * 0.9 }' /proc/meminfo)}
 
 NODE=localhost
@@ -35,10 +42,9 @@ SLURMD_SPOOL=/var/spool/slurmd
 DB_NAME=slurm_acct_db
 DB_USER=slurm
 DB_PASS=mmtrain-local-only
-PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
+PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server iproute2 util-linux)
 
 CTLD_PID=$RUN_DIR/slurmctld.pid
-SLURMD_PID=$RUN_DIR/slurmd.pid
 DBD_PID=$RUN_DIR/slurmdbd.pid
 MARIADB_PID=/run/mysqld/mariadbd.pid
 MUNGED_PID=/run/munge/munged.pid
@@ -48,13 +54,15 @@ elapsed() { LC_ALL=C awk -v a="$STARTED_AT" -v b="$EPOCHREALTIME" 'BEGIN { print
 say() { echo "[cluster-up $(elapsed)s] $*"; }
 die() { echo "cluster-up: ERROR: $*" >&2; exit 1; }
 
-for knob in FAKE_GPUS NODE_CPUS UP_TIMEOUT CRED_EXPIRE NODE_MEM; do
+for knob in FAKE_GPUS NODE_CPUS UP_TIMEOUT CRED_EXPIRE NODE_MEM NODES; do
   [[ ${!knob} =~ ^[0-9]+$ ]] || die "$knob must be a non-negative integer, got '${!knob}'"
 done
 [ "$(id -u)" -eq 0 ] || die "must run as root (it installs packages and starts system daemons); try: sudo $0"
 
 # ----------------------------------------------------------------------------- helpers
 source "$(dirname "$0")/daemons.sh"
+source "$(dirname "$0")/nodes.sh"
+SLURMD_PID=$(node_pidfile "$NODE")
 
 # await WHAT CMD...: poll CMD every 0.2 s for up to UP_TIMEOUT seconds
 await() {
@@ -72,7 +80,7 @@ await() {
 
 show_logs() {
   local f
-  for f in "$LOG_DIR"/slurmctld.log "$LOG_DIR"/slurmd.log "$LOG_DIR"/slurmdbd.log \
+  for f in "$LOG_DIR"/slurmctld.log "$LOG_DIR"/slurmd-*.log "$LOG_DIR"/slurmdbd.log \
            "$LOG_DIR"/mariadb.log /var/log/munge/munged.log; do
     [ -s "$f" ] || continue
     echo "----- last lines of $f" >&2
@@ -142,16 +150,27 @@ install_if_changed() {
 SLURM_CONF_CHANGED=0
 DBD_CONF_CHANGED=0
 write_configs() {
-  local gres_types='' node_gres='' gres_file
+  local gres_types='' node_gres='' gres_file ctld_addr='' node_lines='' i
   if ((FAKE_GPUS > 0)); then
     gres_types='GresTypes=gpu'
     node_gres="Gres=gpu:$FAKE_GPUS"
   fi
+  # the namespace nodes reach the controller through the bridge, not through their own loopback
+  ((NODES == 0)) || ctld_addr="SlurmctldAddr=$(bridge_addr)"
+  # localhost comes last: while a node named localhost is the only one defined, Slurm 22.05 answers
+  # every node-name lookup with it, and the next node would be refused as a duplicate of itself
+  for ((i = 1; i <= NODES; i++)); do
+    node_lines+="NodeName=$(node_name "$i") NodeAddr=$(node_addr "$i") CPUs=$NODE_CPUS RealMemory=$NODE_MEM"
+    node_lines+=" $node_gres State=UNKNOWN"$'\n'
+  done
+  local multi_partition=''
+  ((NODES == 0)) || multi_partition="PartitionName=multi Nodes=$(multi_nodes) MaxTime=INFINITE State=UP"
 
   cat >"$CONF_DIR/slurm.conf.tmp" <<EOF
 # Generated by mmtrain tools/slurm/cluster-up.sh -- edits are overwritten on the next run.
 ClusterName=$CLUSTER
 SlurmctldHost=$NODE
+$ctld_addr
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -162,11 +181,11 @@ SwitchType=switch/none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 StateSaveLocation=$CTLD_STATE
-SlurmdSpoolDir=$SLURMD_SPOOL
+SlurmdSpoolDir=$SLURMD_SPOOL/%n
 SlurmctldPidFile=$CTLD_PID
-SlurmdPidFile=$SLURMD_PID
+SlurmdPidFile=$RUN_DIR/slurmd-%n.pid
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
-SlurmdLogFile=$LOG_DIR/slurmd.log
+SlurmdLogFile=$LOG_DIR/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 MailProg=/bin/true
@@ -199,8 +218,9 @@ JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=5
 $gres_types
 
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$NODE_CPUS RealMemory=$NODE_MEM $node_gres State=UNKNOWN
+${node_lines}NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$NODE_CPUS RealMemory=$NODE_MEM $node_gres State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+$multi_partition
 EOF
 
   if ((FAKE_GPUS > 1)); then
@@ -211,7 +231,10 @@ EOF
   {
     echo "# Generated by mmtrain tools/slurm/cluster-up.sh"
     echo "AutoDetect=off"
-    if ((FAKE_GPUS > 0)); then echo "NodeName=$NODE Name=gpu File=$gres_file"; fi
+    if ((FAKE_GPUS > 0)); then
+      echo "NodeName=$NODE Name=gpu File=$gres_file"
+      ((NODES == 0)) || echo "NodeName=$(multi_nodes) Name=gpu File=$gres_file"
+    fi
   } >"$CONF_DIR/gres.conf.tmp"
 
   cat >"$CONF_DIR/slurmdbd.conf.tmp" <<EOF
@@ -314,10 +337,11 @@ check_cluster_name() {
 }
 
 start_slurm() {
-  if ((SLURM_CONF_CHANGED)) && { running "$CTLD_PID" slurmctld || running "$SLURMD_PID" slurmd; }; then
-    # node CPUs/GRES are not picked up by `scontrol reconfigure`: restart both daemons
-    say "slurm.conf/gres.conf changed: restarting slurmctld and slurmd"
-    halt "$SLURMD_PID" slurmd
+  local i name
+  if ((SLURM_CONF_CHANGED)) && { running "$CTLD_PID" slurmctld || any_slurmd_running; }; then
+    # node CPUs/GRES are not picked up by `scontrol reconfigure`: restart every daemon
+    say "slurm.conf/gres.conf changed: restarting slurmctld and every slurmd"
+    for name in $NODE $(existing_nodes); do halt "$(node_pidfile "$name")" slurmd; done
     halt "$CTLD_PID" slurmctld
   fi
   if ! running "$CTLD_PID" slurmctld; then
@@ -326,29 +350,53 @@ start_slurm() {
     await slurmctld scontrol ping
   fi
   if ! running "$SLURMD_PID" slurmd; then
-    say "starting slurmd"
+    say "starting slurmd of $NODE"
     /usr/sbin/slurmd -N "$NODE"
   fi
+  for ((i = 1; i <= NODES; i++)); do start_node_slurmd "$i"; done
 }
 
-node_state() { sinfo -h -N -n "$NODE" -o '%T' 2>/dev/null | head -n 1; }
+any_slurmd_running() {
+  local name
+  for name in $NODE $(existing_nodes); do running "$(node_pidfile "$name")" slurmd && return 0; done
+  return 1
+}
 
+# The namespace nodes: as many as NODES asks, each with its address and its name in /etc/hosts.
+nodes_network() {
+  local name i
+  for name in $(existing_nodes); do
+    [[ $name =~ ^mmnode([0-9]+)$ ]] && ((BASH_REMATCH[1] <= NODES)) || node_remove "$name"
+  done
+  if ((NODES == 0)); then
+    bridge_remove
+  else
+    check_node_net
+    bridge_up
+    for ((i = 1; i <= NODES; i++)); do netns_up "$i"; done
+  fi
+  hosts_block_write
+}
+
+node_state() { sinfo -h -N -n "$1" -o '%T' 2>/dev/null | head -n 1; }
+
+# wait_node_ready NAME: the node registered and is idle (resumed once if it came back down/drained)
 wait_node_ready() {
-  local deadline=$((SECONDS + UP_TIMEOUT)) state resumed=0
+  local node=$1 deadline=$((SECONDS + UP_TIMEOUT)) state resumed=0
   while :; do
-    state=$(node_state)
+    state=$(node_state "$node")
     case $state in
       idle | mixed | allocated | completing) return 0 ;;
       down* | drain* | fail*)
         # e.g. "Node unexpectedly rebooted" after a restart
-        if ((resumed == 0)) && scontrol update NodeName="$NODE" State=RESUME >/dev/null 2>&1; then
-          say "node $NODE was $state: resumed"
+        if ((resumed == 0)) && scontrol update NodeName="$node" State=RESUME >/dev/null 2>&1; then
+          say "node $node was $state: resumed"
           resumed=1
         fi ;;
     esac
     if ((SECONDS >= deadline)); then
-      echo "cluster-up: node $NODE not ready after ${UP_TIMEOUT}s (state '${state:-unknown}')" >&2
-      scontrol show node "$NODE" >&2 || true
+      echo "cluster-up: node $node not ready after ${UP_TIMEOUT}s (state '${state:-unknown}')" >&2
+      scontrol show node "$node" >&2 || true
       show_logs
       exit 1
     fi
@@ -364,7 +412,10 @@ write_configs
 start_munge
 start_mariadb
 start_slurmdbd
+nodes_network
 start_slurm
-wait_node_ready
-printf 'cluster up in %.1fs: cluster=%s node=%s state=%s cpus=%s gpus=%s mem=%sMB\n' \
-  "$(elapsed)" "$CLUSTER" "$NODE" "$(node_state)" "$NODE_CPUS" "$FAKE_GPUS" "$NODE_MEM"
+wait_node_ready "$NODE"
+for ((i = 1; i <= NODES; i++)); do wait_node_ready "$(node_name "$i")"; done
+printf 'cluster up in %.1fs: cluster=%s nodes=%s state=%s cpus=%s gpus=%s mem=%sMB (each)\n' \
+  "$(elapsed)" "$CLUSTER" "$(sinfo -h -N -o '%N' | sort -u | paste -sd, -)" "$(node_state "$NODE")" \
+  "$NODE_CPUS" "$FAKE_GPUS" "$NODE_MEM"

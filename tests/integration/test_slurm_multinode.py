@@ -1,0 +1,204 @@
+"""Multi-node jobs on a REAL SLURM cluster whose nodes are network namespaces of this machine.
+
+`tools/slurm/cluster-up.sh` with SLURM_NODES=3 adds nodes mmnode1..3 (partition `multi`), each with its own
+hostname, address and slurmd; the filesystem is shared, as on a cluster. A stage submitted with
+`slurm.nodes: 2` runs its ranks on two of them, talking over the nodes' bridge (gloo), and must train
+exactly as the same recipe does on one node; when one of its nodes dies, SLURM requeues it onto the two
+that are left (the spare), and it resumes from its last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.integration.slurm_cluster import (
+    MULTI_PARTITION,
+    ensure_cluster,
+    losses,
+    mmtrain,
+    sacct,
+    wait_final,
+    write_recipe,
+)
+
+pytestmark = pytest.mark.slow
+
+
+NODES = 3
+"""Two for a job, one spare for it when a node dies (a requeue onto the node that just came back can be
+hit by the controller's delayed kill of the job's previous instance: same job id)."""
+
+
+@pytest.fixture(scope="module")
+def node_cluster():
+    ensure_cluster(nodes=NODES)
+    yield
+
+
+def test_two_nodes_by_two_tasks_zero3_trains_as_one_node_of_four(node_cluster, tiny_assets, tmp_path):
+    steps = 6
+    stages = [{"name": "align", "set": {"max_steps": steps, "log_every": 1,
+                                        "deepspeed": str(REPO / "ds_configs" / "zero3.json")}}]
+    layouts = {"two-nodes": {"nodes": 2, "gpus_per_node": 2, "partition": MULTI_PARTITION},
+               "one-node": {"nodes": 1, "gpus_per_node": 4, "partition": "debug"}}
+    runs, jobs = {}, {}
+    for name, slurm in layouts.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        recipe = write_recipe(folder, tiny_assets, stages, {"time": "00:15:00", **slurm}, nprocs=2)
+        submitted = mmtrain("submit", str(recipe))
+        assert submitted.returncode == 0, submitted.stderr
+        runs[name] = folder / "run"
+        jobs[name] = json.loads((runs[name] / "slurm" / "jobs.json").read_text())["stages"][0]["job_id"]
+    script = (runs["two-nodes"] / "slurm" / "01-align.sbatch").read_text()
+    for line in ("2 node(s) x 2 task(s)", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=2", "#SBATCH --gres=gpu:2",
+                 f"#SBATCH --partition={MULTI_PARTITION}"):
+        assert line in script, line
+
+    for run in runs.values():
+        code, status = wait_final(run)
+        assert code == 0 and status["ok"], status
+
+    folder = runs["two-nodes"] / "01-align"
+    info = json.loads((folder / "run_info.json").read_text())
+    assert info["launcher"] == "srun" and info["world_size"] == 4
+    reports = [json.loads((folder / "ranks" / f"rank{r}.json").read_text()) for r in range(4)]
+    # Ranks 0-1 on the first node, 2-3 on the second (SLURM's block distribution), all meeting at the first.
+    hosts = [r["host"] for r in reports]
+    assert hosts[0] == hosts[1] != hosts[2] == hosts[3] and all(h.startswith("mmnode") for h in hosts), hosts
+    assert {r["master"].split(":")[0] for r in reports} == {hosts[0]}
+    for report in reports:
+        llm = report["parameters"]["llm"]
+        assert report["zero_stage"] == 3 and llm["local_numel"] < 0.3 * llm["numel"], report
+
+    two, one = losses(folder), losses(runs["one-node"] / "01-align")
+    assert sorted(two) == list(range(1, steps + 1))
+    assert two == one  # the same seed and batches: bit for bit, whichever node holds which rank
+
+    rows = {r["job_id"]: r for r in sacct(list(jobs.values()))}
+    two_nodes, one_node = rows[jobs["two-nodes"]], rows[jobs["one-node"]]
+    assert (two_nodes["state"], two_nodes["nodes"], two_nodes["gpus"]) == ("COMPLETED", 2, 4)
+    assert (one_node["nodes"], one_node["gpus"]) == (1, 4)
+
+    report = mmtrain("cost", str(runs["two-nodes"]), "--wait", "60")
+    assert report.returncode == 0, report.stderr
+    data = json.loads((runs["two-nodes"] / "cost" / "report.json").read_text())
+    job = next(j for j in data["jobs"] if j["job_id"] == jobs["two-nodes"])
+    assert job["gpu_s"] == two_nodes["elapsed_s"] * 4  # both nodes' allocation
+    assert data["stages"][0]["allocated_gpu_hours"] == pytest.approx(two_nodes["elapsed_s"] * 4 / 3600)
+
+
+def kill_node(name: str) -> list[int]:
+    """Every process of the node (its slurmd, the job's step daemons and ranks) gets SIGKILL: the node dies."""
+    pids = [int(p) for p in subprocess.run(["ip", "netns", "pids", f"mmtrain-{name}"], capture_output=True,
+                                           text=True, check=True).stdout.split()]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
+def test_losing_a_node_mid_run_ends_the_instance_cleanly_requeues_and_resumes_exactly(node_cluster, tiny_assets,
+                                                                                       tmp_path):
+    steps, save_every = 40, 5
+    base = {"log_every": 1, "checkpoint.save_every": save_every, "deepspeed": str(REPO / "ds_configs" / "zero3.json")}
+    layouts = {"node-lost": {"nodes": 2, "gpus_per_node": 2, "partition": MULTI_PARTITION},
+               "straight": {"nodes": 1, "gpus_per_node": 4, "partition": "debug"}}
+    runs = {}
+    for name, slurm in layouts.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        recipe = write_recipe(folder, tiny_assets, [{"name": "train", "set": {"max_steps": steps}}], slurm,
+                              nprocs=2, **base)
+        assert mmtrain("submit", str(recipe)).returncode == 0
+        runs[name] = folder / "run"
+    job = json.loads((runs["node-lost"] / "slurm" / "jobs.json").read_text())["stages"][0]["job_id"]
+    metrics = runs["node-lost"] / "01-train" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(losses_so_far(metrics)) < 2 * save_every + 2:
+        time.sleep(0.2)
+    step_at_kill = max(losses_so_far(metrics), default=0)
+    assert step_at_kill < steps, "the run ended before the node could be lost"
+    first, second = job_nodes(job)
+    killed_at = time.monotonic()
+    assert kill_node(second), f"no process to kill on {second}"
+
+    # The instance must end (no rank left waiting in a collective), as NODE_FAIL, and be requeued.
+    ended_after = None
+    while time.monotonic() - killed_at < 180:
+        rows = sacct_now(job)
+        if rows and rows[0]["state"] == "NODE_FAIL":
+            ended_after = time.monotonic() - killed_at
+            break
+        time.sleep(1)
+    assert ended_after is not None, f"job {job} did not end after its node died: {sacct_now(job)}"
+    for run in runs.values():  # the requeued job runs on the node left and the spare
+        code, status = wait_final(run, timeout=600)
+        assert code == 0, status
+    ensure_cluster(nodes=NODES)  # the dead node comes back (its slurmd restarts) for the tests after this one
+
+    rows = sacct([job])
+    assert [r["state"] for r in rows] == ["NODE_FAIL", "COMPLETED"], rows
+    lost, straight = losses(runs["node-lost"] / "01-train"), losses(runs["straight"] / "01-train")
+    assert sorted(lost) == list(range(1, steps + 1)) == sorted(straight)
+    assert lost == straight  # resumed from the last complete checkpoint: every step's loss, bit for bit
+
+    from mmtrain.cost.ledger import read_ledger
+
+    ledger = read_ledger(runs["node-lost"] / "ledger.jsonl")
+    ends = [r for r in ledger if r["event"] == "stage_end"]
+    assert [r["outcome"] for r in ends] == ["node_lost", "done"], ends
+    assert second in ends[0]["message"] and f"job {job}" in ends[0]["message"]
+    resumed_from = ends[0]["step"]
+    assert resumed_from % save_every == 0 and resumed_from <= step_at_kill
+    starts = [r for r in ledger if r["event"] == "stage_start"]
+    assert [r["step"] for r in starts] == [None, resumed_from]
+
+    text = mmtrain("status", str(runs["node-lost"]))
+    assert text.returncode == 0, text.stdout + text.stderr
+    assert f"job {job} ended NODE_FAIL" in text.stdout and second in text.stdout, text.stdout
+    report = mmtrain("cost", str(runs["node-lost"]), "--wait", "60")
+    assert report.returncode == 0, report.stderr
+    stage = json.loads((runs["node-lost"] / "cost" / "report.json").read_text())["stages"][0]
+    assert stage["attempts"] == 2 and stage["steps"] == steps
+    assert stage["wasted_gpu_hours"] > 0  # the steps after the last checkpoint, and the wait for the verdict
+    assert stage["interrupted_gpu_hours"] == pytest.approx(rows[0]["elapsed_s"] * 4 / 3600)
+    print(f"\nnode loss: killed at step {step_at_kill}, instance ended NODE_FAIL {ended_after:.0f} s later, "
+          f"resumed from step {resumed_from} ({step_at_kill - resumed_from} steps lost)")
+
+
+def losses_so_far(metrics: Path) -> dict[int, float]:
+    """Step losses logged so far (a line being written is skipped)."""
+    found = {}
+    for line in (metrics.read_text().splitlines() if metrics.is_file() else []):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if "loss" in record:
+            found[record["step"]] = record["loss"]
+    return found
+
+
+def job_nodes(job: str) -> list[str]:
+    """The nodes a running job holds, in order."""
+    nodelist = subprocess.run(["squeue", "-h", "-j", job, "-o", "%N"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    return subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                          check=True).stdout.split()
+
+
+def sacct_now(job: str) -> list[dict]:
+    from mmtrain.cost.sacct import query_jobs
+
+    return [r.as_dict() for rows in query_jobs([job]).values() for r in rows]
