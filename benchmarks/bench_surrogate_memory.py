@@ -143,6 +143,23 @@ def generate_target(folder: Path, num_layers: int, shard_bytes: int) -> dict:
             "generate_s": time.monotonic() - start}
 
 
+def add_target_arguments(parser: argparse.ArgumentParser, scratch: Path) -> None:
+    """--scratch and the two synthetic targets' sizes, shared by the benchmarks that generate them."""
+    parser.add_argument("--scratch", type=Path, default=scratch)
+    parser.add_argument("--small-layers", type=int, default=4, help="layers of the small target (~2 GB)")
+    parser.add_argument("--large-layers", type=int, default=20, help="layers of the large target (>= 8 GB)")
+    parser.add_argument("--shard-bytes", type=int, default=10**9, help="largest shard of the generated targets")
+
+
+def fresh_scratch(scratch: Path) -> Path:
+    """Create `scratch` (refusing one that exists) and its logs folder; returns the logs folder."""
+    if scratch.exists():
+        sys.exit(f"{scratch} exists; remove it or pass another --scratch")
+    logs = scratch / "logs"
+    logs.mkdir(parents=True)
+    return logs
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
@@ -232,17 +249,11 @@ def table(rows: list[dict], base: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scratch", type=Path, default=Path("/tmp/mmtrain-bench-surrogate"))
-    parser.add_argument("--small-layers", type=int, default=4, help="layers of the small target (~2 GB)")
-    parser.add_argument("--large-layers", type=int, default=20, help="layers of the large target (>= 8 GB)")
-    parser.add_argument("--shard-bytes", type=int, default=10**9, help="largest shard of the generated targets")
+    add_target_arguments(parser, Path("/tmp/mmtrain-bench-surrogate"))
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints and surrogates")
     args = parser.parse_args()
 
-    if args.scratch.exists():
-        sys.exit(f"{args.scratch} exists; remove it or pass another --scratch")
-    logs = args.scratch / "logs"
-    logs.mkdir(parents=True)
+    logs = fresh_scratch(args.scratch)
     rows, targets = [], {}
     try:
         base = baseline(logs)

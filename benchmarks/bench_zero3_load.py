@@ -31,7 +31,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_surrogate_memory import evict, generate_target, machine  # noqa: E402
+from benchmarks.bench_surrogate_memory import (  # noqa: E402
+    add_target_arguments,
+    evict,
+    fresh_scratch,
+    generate_target,
+    machine,
+)
 from benchmarks.common import REPO, save_json  # noqa: E402
 
 LOADERS = ("from_pretrained", "partitioned")
@@ -139,15 +145,9 @@ def main() -> None:
         rank_worker(*sys.argv[2:])
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scratch", type=Path, default=Path("/tmp/mmtrain-bench-zero3-load"))
-    parser.add_argument("--small-layers", type=int, default=4, help="layers of the small target (~2 GB)")
-    parser.add_argument("--large-layers", type=int, default=20, help="layers of the large target (~8.6 GB)")
-    parser.add_argument("--shard-bytes", type=int, default=10**9)
+    add_target_arguments(parser, Path("/tmp/mmtrain-bench-zero3-load"))
     args = parser.parse_args()
-    if args.scratch.exists():
-        sys.exit(f"{args.scratch} exists; remove it or pass another --scratch")
-    logs = args.scratch / "logs"
-    logs.mkdir(parents=True)
+    logs = fresh_scratch(args.scratch)
     rows, targets = [], {}
     try:
         for size, layers in (("small", args.small_layers), ("large", args.large_layers)):

@@ -68,7 +68,8 @@ def parse_sacct(text: str) -> dict[str, list[SacctRow]]:
         gpus, gpu_type = _gpus(tres)
         jobs.setdefault(raw, []).append(SacctRow(
             job_id_raw=raw, job_id=job_id, state=(state.split() or ["UNKNOWN"])[0], elapsed_s=_int(elapsed),
-            gpus=gpus, gpu_type=gpu_type, nodes=_nodes(tres), start=_time(start), end=_time(end), exit_code=exit_code))
+            gpus=gpus, gpu_type=gpu_type, nodes=_nodes(tres), start=_time(start), end=_time(end),
+            exit_code=exit_code))
     for rows in jobs.values():
         # Not started yet (a requeued instance waiting) sorts last; ISO times sort as strings.
         rows.sort(key=lambda r: (r.start is None, r.start or ""))

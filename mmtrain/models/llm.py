@@ -31,10 +31,10 @@ from mmtrain.models.seq2seq import build_seq2seq_llm
 __all__ = ["IGNORE_INDEX", "CausalLM", "LanguageModel", "build_llm", "decoder_layers", "llm_hidden_size", "load_tokenizer",
            "resolve_llm_config"]
 
-# Architectures whose logits are exactly `lm_head(final hidden state)` (no soft-capping or scaling),
-# for which the loss can be computed on the target positions only.
 log = logging.getLogger("mmtrain")
 
+# Architectures whose logits are exactly `lm_head(final hidden state)` (no soft-capping or scaling),
+# for which the loss can be computed on the target positions only.
 TARGET_ONLY_LOSS_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral"})
 
 
