@@ -28,8 +28,20 @@ commands:
 
 @report_user_errors
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; after a clean end under a multi-process launcher, every rank then leaves the
+    process group together (`mmtrain.engine.distributed.leave_distributed`)."""
+    exit_code = dispatch(argv)
+    if "torch.distributed" in sys.modules:
+        # dispatch: only a command that ran distributed has a process group to leave
+        from mmtrain.engine.distributed import leave_distributed
+
+        leave_distributed(exit_code)
+    return exit_code
+
+
+def dispatch(argv: list[str] | None = None) -> int:
     """Dispatch to the command's own `main` (each reports its user errors as `error: ...`, exit 2;
-    so does this one, for anything a command lets through)."""
+    so does `main`, for anything a command lets through)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     # `deepspeed --module mmtrain ...` puts --local_rank=N first; the rank comes from the environment.
     argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]

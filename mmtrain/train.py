@@ -12,6 +12,7 @@ import sys
 import mmtrain.engine  # noqa: F401  (selects DeepSpeed's accelerator before deepspeed is imported)
 from mmtrain.config import load_config
 from mmtrain.config.rules import check_training
+from mmtrain.engine.distributed import leave_distributed
 from mmtrain.errors import EXIT_USER_ERROR, report_user_errors
 
 
@@ -55,4 +56,4 @@ def main(argv: list[str] | None = None, prog: str = "python -m mmtrain.train") -
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(leave_distributed(main()))

@@ -13,8 +13,11 @@ import datetime
 import os
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from mmtrain.engine.preemption import EXIT_REQUEUE
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,23 @@ def init_distributed() -> DistEnv:
         timeout = datetime.timedelta(seconds=int(os.environ.get("MMTRAIN_DIST_TIMEOUT_S", "1800")))
         deepspeed.init_distributed(timeout=timeout)
     return dist_env
+
+
+def leave_distributed(exit_code: int) -> int:
+    """End the process group on every rank together when a command ends cleanly; returns `exit_code`.
+
+    Ranks that exit with the group still alive can be aborted at interpreter exit: gloo's worker threads
+    still hold work whose tensors are freed after the interpreter is gone ("terminate called without an
+    active exception", SIGABRT), and the launcher then reports a run that had finished as failed. So
+    every rank meets the others at a barrier and destroys the group while Python is alive. Only after a
+    clean end (0, or the requeue exit that every rank takes together): after an error the other ranks
+    may never reach the barrier.
+    """
+    torch_dist = sys.modules.get("torch.distributed")
+    if exit_code in (0, EXIT_REQUEUE) and torch_dist is not None and torch_dist.is_initialized():
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
+    return exit_code
 
 
 SHM_DIR = Path("/dev/shm")

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import mmtrain.engine  # noqa: F401  (selects DeepSpeed's accelerator before deepspeed is imported)
+from mmtrain.engine.distributed import leave_distributed
 from mmtrain.errors import EXIT_USER_ERROR, report_user_errors
 
 
@@ -84,15 +85,11 @@ def main(argv: list[str] | None = None, prog: str = "mmtrain eval") -> int:
         atomic_write_json(out, result)
         print(format_results(result, args.show))
         print(f"results: {out}")
-    if em.world_size > 1:  # no rank leaves while rank 0 still writes (an early exit can abort the others)
-        import deepspeed.comm as dist
-
-        dist.barrier()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(leave_distributed(main()))
 
 
 def build_generate_parser(prog: str) -> argparse.ArgumentParser:

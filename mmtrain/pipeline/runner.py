@@ -149,7 +149,9 @@ def run_stage(pipeline: Pipeline, stage: Stage, out: TextIO, on_failure: Sequenc
         raise PipelineError(f"stage {stage.name}: {exc}; wait for it to end", EXIT_FAILED) from None
     finally:
         with _signals_deferred():  # the scheduler's SIGTERM follows a lost node closely: record the end first
-            if code is None and lost_node is not None:  # stopped by a signal: was it the node failure's?
+            # Stopped by a signal (the runner's, or its ranks' checkpoint-and-requeue exit): was it the
+            # node failure's? SLURM then requeues the job itself.
+            if code in (None, EXIT_REQUEUE) and lost_node is not None:
                 lost = lost_node()
                 if lost:
                     code = _lost_node(stage, "processes were stopped", lost)

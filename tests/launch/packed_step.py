@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 import mmtrain.engine  # noqa: F401
 from mmtrain.config import load_config
+from mmtrain.engine.distributed import leave_distributed
 from mmtrain.data.collate import collate, collate_packed
 from mmtrain.data.packing import pack_rows
 from mmtrain.engine.trainer import Trainer
@@ -66,3 +67,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    leave_distributed(0)

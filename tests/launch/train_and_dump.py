@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from mmtrain.config import load_config
+from mmtrain.engine.distributed import leave_distributed
 from mmtrain.engine.trainer import Trainer
 
 
@@ -57,3 +58,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    leave_distributed(0)

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 from mmtrain.engine.distributed import setup_dist_env
 
 
@@ -42,3 +48,25 @@ def test_shm_allreduce_buffers_of_one_job_are_removed(tmp_path, monkeypatch):
     assert distributed.remove_shm_allreduce_buffers(29500) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["deepspeed_allreduce_buffer_0_127.0.0.1_29501_0",
                                                           "other_29500_0"]
+
+
+def test_a_clean_end_leaves_the_process_group_and_a_failed_one_does_not():
+    """Every command's entry point leaves the group after a clean end (0 or the requeue exit); a group left
+    to interpreter exit can abort a rank of a finished run. After an error the barrier could wait forever."""
+    script = textwrap.dedent("""
+        import torch.distributed as dist
+        from mmtrain.engine.distributed import leave_distributed, setup_dist_env
+        from mmtrain.engine.preemption import EXIT_REQUEUE
+
+        for code, stays in ((2, True), (1, True), (0, False), (EXIT_REQUEUE, False)):
+            setup_dist_env()
+            if not dist.is_initialized():
+                dist.init_process_group("gloo")
+            assert leave_distributed(code) == code
+            assert dist.is_initialized() == stays, code
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

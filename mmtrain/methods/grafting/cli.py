@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mmtrain.engine.distributed import leave_distributed
 from mmtrain.errors import report_user_errors
 
 
@@ -72,4 +73,4 @@ def main(argv: list[str] | None = None, prog: str = "mmtrain surrogate") -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(leave_distributed(main()))

@@ -423,14 +423,6 @@ def _all_gather_int(value: int, world_size: int, device: torch.device) -> list[i
     return [int(t.item()) for t in out]
 
 
-def _leave_together(world_size: int) -> None:
-    # A rank that exits while rank 0 still writes tears its process-group connections down under a
-    # live peer, which can abort it ("terminate called without an active exception") and make the
-    # launcher kill rank 0 before the files are written.
-    if world_size > 1:
-        dist.barrier()
-
-
 # ---------------------------------------------------------------------------------------------------
 # Outputs
 
@@ -570,5 +562,4 @@ def run_trajectory(args: Any) -> dict[str, Any]:
               f"transition at layer {proposal.transition_layer}, proposed cut K = {proposal.cut} "
               f"(of {result['num_layers']}); "
               f"wrote {out / 'trajectory.json'} and trajectory.png ({result['elapsed_s']:.0f} s)")
-    _leave_together(loaded.world_size)
     return result
