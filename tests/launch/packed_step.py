@@ -15,9 +15,9 @@ from safetensors.torch import save_file
 
 import mmtrain.engine  # noqa: F401
 from mmtrain.config import load_config
-from mmtrain.engine.distributed import leave_distributed
 from mmtrain.data.collate import collate, collate_packed
 from mmtrain.data.packing import pack_rows
+from mmtrain.engine.distributed import leave_distributed
 from mmtrain.engine.trainer import Trainer
 
 SAMPLES_PER_RANK = 6
