@@ -4,7 +4,9 @@
 hostname, address and slurmd; the filesystem is shared, as on a cluster. A stage submitted with
 `slurm.nodes: 2` runs its ranks on two of them, talking over the nodes' bridge (gloo), and must train
 exactly as the same recipe does on one node; when one of its nodes dies, SLURM requeues it onto the two
-that are left (the spare), and it resumes from its last complete checkpoint.
+that are left (the spare), and it resumes from its last complete checkpoint. The deepspeed launcher's route
+(slurm/train-deepspeed-hostfile.sbatch) starts the ranks over ssh through the nodes' sshd and must train the
+same way, and leave nothing behind when cancelled.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_config, write_config
 from tests.integration.slurm_cluster import (
     MULTI_PARTITION,
     ensure_cluster,
@@ -94,6 +97,91 @@ def test_two_nodes_by_two_tasks_zero3_trains_as_one_node_of_four(node_cluster, t
     job = next(j for j in data["jobs"] if j["job_id"] == jobs["two-nodes"])
     assert job["gpu_s"] == two_nodes["elapsed_s"] * 4  # both nodes' allocation
     assert data["stages"][0]["allocated_gpu_hours"] == pytest.approx(two_nodes["elapsed_s"] * 4 / 3600)
+
+
+
+def test_the_deepspeed_launcher_starts_a_hostfile_of_two_nodes_over_ssh(node_cluster, tiny_assets, tmp_path):
+    """slurm/train-deepspeed-hostfile.sbatch: one task per node; the launcher starts each node's ranks over
+    ssh (pdsh, the nodes' sshd) and they train as the same script on one node of four does."""
+    steps = 6
+    layouts = {"two-nodes": ["--nodes=2", "--gres=gpu:2", f"--partition={MULTI_PARTITION}"],
+               "one-node": ["--nodes=1", "--gres=gpu:4", "--partition=debug"]}
+    jobs = {name: submit_hostfile_job(tmp_path / name, tiny_assets, resources, max_steps=steps)
+            for name, resources in layouts.items()}
+
+    from mmtrain.cost.sacct import wait_for_final
+
+    rows = {r.job_id: r.as_dict() for instances in wait_for_final(list(jobs.values()), timeout_s=600,
+                                                                  poll_s=2).values() for r in instances}
+    for name, job in jobs.items():
+        log = tmp_path / name / f"slurm-mmtrain-ds-{job}.out"
+        assert rows[job]["state"] == "COMPLETED", f"{name}: {rows[job]}\n{log.read_text()[-4000:]}"
+    assert rows[jobs["two-nodes"]]["nodes"] == 2
+
+    two = tmp_path / "two-nodes" / "run"
+    info = json.loads((two / "run_info.json").read_text())
+    assert info["launcher"] == "deepspeed/torchrun" and info["world_size"] == 4
+    reports = [json.loads((two / "ranks" / f"rank{r}.json").read_text()) for r in range(4)]
+    hosts = [r["host"] for r in reports]
+    assert hosts[0] == hosts[1] != hosts[2] == hosts[3] and all(h.startswith("mmnode") for h in hosts), hosts
+    hostfile = (tmp_path / "two-nodes" / f"hostfile-{jobs['two-nodes']}").read_text().splitlines()
+    assert hostfile == [f"{hosts[0]} slots=2", f"{hosts[2]} slots=2"]
+    assert {r["master"].split(":")[0] for r in reports} == {hosts[0]}
+    for report in reports:
+        llm = report["parameters"]["llm"]
+        assert report["zero_stage"] == 3 and llm["local_numel"] < 0.3 * llm["numel"], report
+
+    two_losses, one_losses = losses(two), losses(tmp_path / "one-node" / "run")
+    assert sorted(two_losses) == list(range(1, steps + 1))
+    assert two_losses == one_losses
+
+
+
+def test_cancelling_a_hostfile_job_leaves_no_rank_behind_on_either_node(node_cluster, tiny_assets, tmp_path):
+    """The ranks started over ssh are not the job's processes for SLURM: the launcher must stop them."""
+    job = submit_hostfile_job(tmp_path, tiny_assets, ["--nodes=2", "--gres=gpu:2", f"--partition={MULTI_PARTITION}"],
+                              max_steps=1000)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(losses_so_far(metrics)) < 2:
+        time.sleep(0.5)
+    nodes = job_nodes(job)
+    assert len(losses_so_far(metrics)) >= 2 and len(nodes) == 2, (nodes, losses_so_far(metrics))
+    assert all(rank_processes(node) for node in nodes), "no rank runs on one of the job's nodes"
+    subprocess.run(["scancel", job], check=True, timeout=30)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(rank_processes(node) for node in nodes):
+        time.sleep(0.5)
+    assert not any(rank_processes(node) for node in nodes), {node: rank_processes(node) for node in nodes}
+
+
+def submit_hostfile_job(folder: Path, assets, resources: list[str], **overrides) -> str:
+    """sbatch slurm/train-deepspeed-hostfile.sbatch with a tiny ZeRO-3 config, from `folder`; the job id."""
+    folder.mkdir(exist_ok=True)
+    config = tiny_config(assets, folder / "run", log_every=1, deepspeed=str(REPO / "ds_configs" / "zero3.json"),
+                         **overrides)
+    write_config(config, folder / "config.yaml")
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--ntasks-per-node=1", "--time=00:15:00", *resources,
+         str(REPO / "slurm" / "train-deepspeed-hostfile.sbatch"), "config.yaml"],
+        cwd=folder, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(REPO), "MMTRAIN_SLURM_DIR": str(REPO / "slurm")})
+    assert submitted.returncode == 0, submitted.stderr
+    return submitted.stdout.strip().split(";")[0]
+
+
+def rank_processes(node: str) -> list[int]:
+    """The processes of `node` that run the launcher or a rank (python -m deepspeed.launcher... / mmtrain.train)."""
+    pids = subprocess.run(["ip", "netns", "pids", f"mmtrain-{node}"], capture_output=True, text=True).stdout.split()
+    found = []
+    for pid in pids:
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"mmtrain.train" in command or b"deepspeed.launcher" in command:
+            found.append(int(pid))
+    return found
 
 
 def kill_node(name: str) -> list[int]:

@@ -2,8 +2,9 @@
 # cluster-down.sh -- stop the SLURM cluster started by tools/slurm/cluster-up.sh.
 #
 #   cluster-down.sh           cancel all jobs, stop every slurmd, slurmctld, slurmdbd, mariadbd,
-#                             munged; remove the namespace nodes (their processes, links and
-#                             namespaces), the bridge and the nodes' block in /etc/hosts
+#                             munged; remove the namespace nodes (their processes, sshd, links and
+#                             namespaces), the bridge, the nodes' block in /etc/hosts and their
+#                             ssh client drop-in (the nodes' keys stay in /etc/ssh/mmtrain-nodes)
 #   cluster-down.sh --purge   the same, then delete the controller/slurmd state, the logs in
 #                             /var/log/slurm and the accounting database (next up = fresh cluster)
 #
@@ -15,7 +16,7 @@ PURGE=0
 for arg in "$@"; do
   case $arg in
     --purge) PURGE=1 ;;
-    -h | --help) sed -n '2,11s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,12s/^# \{0,1\}//p' "$0"; exit 0 ;;
     *) echo "cluster-down: unknown argument '$arg' (use --purge or --help)" >&2; exit 2 ;;
   esac
 done
@@ -54,6 +55,7 @@ fi
 halt "$(node_pidfile localhost)" slurmd
 for node in $(existing_nodes); do node_remove "$node"; done
 bridge_remove
+ssh_client_remove
 NODES=0 hosts_block_write
 halt "$CTLD_PID" slurmctld
 halt "$DBD_PID" slurmdbd

@@ -3,7 +3,8 @@
 # munge, MariaDB, slurmdbd (accounting, so `sacct` works), slurmctld and slurmd, with fake GPUs
 # exposed as GRES. Node `localhost` (partition `debug`, the default) runs on the machine itself;
 # SLURM_NODES more nodes `mmnode1..N` (partition `multi`) each run in their own network and UTS
-# namespace with their own address and slurmd (tools/slurm/nodes.sh), for multi-node jobs. Debian 12 (slurm-wlm 22.05), run as root, no systemd needed.
+# namespace with their own address, slurmd and sshd (tools/slurm/nodes.sh), for multi-node jobs.
+# Debian 12 (slurm-wlm 22.05), run as root, no systemd needed.
 #
 # Safe to run repeatedly: packages are installed only when missing, daemons are started only
 # when not running, and slurmctld+slurmd are restarted when slurm.conf / gres.conf change.
@@ -42,7 +43,8 @@ SLURMD_SPOOL=/var/spool/slurmd
 DB_NAME=slurm_acct_db
 DB_USER=slurm
 DB_PASS=mmtrain-local-only
-PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server iproute2 util-linux)
+PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server iproute2 util-linux
+          openssh-server openssh-client pdsh)
 
 CTLD_PID=$RUN_DIR/slurmctld.pid
 DBD_PID=$RUN_DIR/slurmdbd.pid
@@ -354,6 +356,7 @@ start_slurm() {
     /usr/sbin/slurmd -N "$NODE"
   fi
   for ((i = 1; i <= NODES; i++)); do start_node_slurmd "$i"; done
+  for ((i = 1; i <= NODES; i++)); do start_node_sshd "$i"; done
 }
 
 any_slurmd_running() {
@@ -370,10 +373,12 @@ nodes_network() {
   done
   if ((NODES == 0)); then
     bridge_remove
+    ssh_client_remove
   else
     check_node_net
     bridge_up
     for ((i = 1; i <= NODES; i++)); do netns_up "$i"; done
+    ssh_up
   fi
   hosts_block_write
 }
