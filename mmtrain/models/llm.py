@@ -24,7 +24,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from mmtrain.config.schema import LLMConfig
 from mmtrain.models.attention import packed_attention_inputs
 from mmtrain.models.language_model import IGNORE_INDEX, LanguageModel
-from mmtrain.models.partitioned_load import checkpoint_files, fits, load_into_partitions
+from mmtrain.models.partitioned_load import buffers_only_init, checkpoint_files, fits, load_into_partitions
 from mmtrain.models.quantization import keep_cpu_layout, quantization_kwargs
 from mmtrain.models.seq2seq import build_seq2seq_llm
 
@@ -180,7 +180,8 @@ def _load_partitioned(cfg: LLMConfig, config, kwargs: dict) -> nn.Module | None:
     files = checkpoint_files(cfg.name_or_path) if Path(cfg.name_or_path).is_dir() else None
     if files is None:
         return None
-    model = AutoModelForCausalLM.from_config(config, **kwargs)
+    with buffers_only_init():
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
     if fits(model, files):
         return None
     read = load_into_partitions(model, cfg.name_or_path, dist.get_rank(), dist.get_world_size())

@@ -8,12 +8,19 @@ partition holds (DeepSpeed's layout: the flattened tensor, padded to a multiple 
 into equal parts in rank order), reads from the shard only the rows that cover that range, and copies
 it into its partition. No rank ever holds more than its partition plus the rows of one tensor it
 reads; nothing is gathered, no rank waits for another.
+
+Building the empty model must not cost what loading it saves: Hugging Face's ZeRO-3 construction draws
+random values for every parameter, gathering each module whole onto rank 0 to do so, only for the
+checkpoint to overwrite them. `buffers_only_init` skips that and initialises what the checkpoint does
+not hold: the buffers (RoPE's `inv_freq`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -43,6 +50,31 @@ def is_partitioned(param: nn.Parameter) -> bool:
 def fits(model: nn.Module, files: dict[str, Path]) -> list[str]:
     """The model's parameters the checkpoint lacks (tied parameters appear once, under their first name)."""
     return [name for name, _ in model.named_parameters() if name not in files]
+
+
+@contextmanager
+def buffers_only_init() -> Iterator[None]:
+    """While a model is built under ZeRO-3 to be loaded with `load_into_partitions`: every parameter is
+    marked initialised (as `from_pretrained` marks the ones it loads), so that Hugging Face's weight
+    initialisation, run on each rank without gathering, sets only the buffers."""
+    # heavy (seconds to import): only where a model is built
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    gathering_init = getattr(hf_deepspeed, "initialize_weights_zero3", None)
+    if gathering_init is None:  # a transformers that builds ZeRO-3 models another way: keep its init
+        yield
+        return
+
+    def init_buffers_only(model: nn.Module) -> None:
+        for param in model.parameters():
+            param._is_hf_initialized = True
+        model.initialize_weights()
+
+    hf_deepspeed.initialize_weights_zero3 = init_buffers_only
+    try:
+        yield
+    finally:
+        hf_deepspeed.initialize_weights_zero3 = gathering_init
 
 
 def partition_range(numel: int, world_size: int, rank: int) -> tuple[int, int]:

@@ -71,6 +71,13 @@ def test_frozen_weights_bit_identical_and_vpg_changed(engine_run):
         assert torch.equal(final[name], ref[key]), f"{name} differs from the weights on disk"
     changed = [n for n in final if n.startswith(("resampler.", "projector.")) and not torch.equal(initial[n], final[n])]
     assert "projector.weight" in changed and any(n.startswith("resampler.") for n in changed)
+    # Buffers the checkpoint does not hold (RoPE's inv_freq) are computed as from_pretrained computes them,
+    # also when ZeRO-3 builds the LLM empty and reads its partitions.
+    buffers = load_file(str(dump / "buffers.safetensors"))
+    llm_buffers = dict(AutoModelForCausalLM.from_pretrained(engine_run["assets"]["llm"]).named_buffers())
+    assert any(name.endswith("inv_freq") for name in llm_buffers)
+    for name, expected in llm_buffers.items():
+        assert torch.equal(buffers[f"llm.model.{name}"], expected), name
 
 
 def test_each_rank_holds_its_partition_of_the_llm(engine_run):

@@ -1,8 +1,8 @@
 """Test harness: run a real mmtrain training under the launcher and dump what tests inspect.
 
 Writes into OUTPUT_DIR/dump/: every parameter gathered in full before and after training
-(`initial.safetensors`, `final.safetensors`) and the logits of the first 4 training samples
-(`logits.safetensors`), all from rank 0. Usage (under `deepspeed` or `torchrun`):
+(`initial.safetensors`, `final.safetensors`), every buffer after training (`buffers.safetensors`) and
+the logits of the first 4 training samples (`logits.safetensors`), all from rank 0. Usage (under `deepspeed` or `torchrun`):
     train_and_dump.py CONFIG.yaml [--set key=value ...]
 """
 
@@ -53,6 +53,8 @@ def main() -> None:
         dump.mkdir(exist_ok=True)
         save_file(initial, str(dump / "initial.safetensors"))
         save_file(final, str(dump / "final.safetensors"))
+        buffers = {name: b.detach().cpu().clone().contiguous() for name, b in trainer.model.named_buffers()}
+        save_file(buffers, str(dump / "buffers.safetensors"))
         save_file({"logits": logits}, str(dump / "logits.safetensors"))
 
 
