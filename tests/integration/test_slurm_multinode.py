@@ -73,14 +73,7 @@ def test_two_nodes_by_two_tasks_zero3_trains_as_one_node_of_four(node_cluster, t
     folder = runs["two-nodes"] / "01-align"
     info = json.loads((folder / "run_info.json").read_text())
     assert info["launcher"] == "srun" and info["world_size"] == 4
-    reports = [json.loads((folder / "ranks" / f"rank{r}.json").read_text()) for r in range(4)]
-    # Ranks 0-1 on the first node, 2-3 on the second (SLURM's block distribution), all meeting at the first.
-    hosts = [r["host"] for r in reports]
-    assert hosts[0] == hosts[1] != hosts[2] == hosts[3] and all(h.startswith("mmnode") for h in hosts), hosts
-    assert {r["master"].split(":")[0] for r in reports} == {hosts[0]}
-    for report in reports:
-        llm = report["parameters"]["llm"]
-        assert report["zero_stage"] == 3 and llm["local_numel"] < 0.3 * llm["numel"], report
+    assert_two_nodes_of_two_zero3_ranks(folder)
 
     two, one = losses(folder), losses(runs["one-node"] / "01-align")
     assert sorted(two) == list(range(1, steps + 1))
@@ -97,7 +90,6 @@ def test_two_nodes_by_two_tasks_zero3_trains_as_one_node_of_four(node_cluster, t
     job = next(j for j in data["jobs"] if j["job_id"] == jobs["two-nodes"])
     assert job["gpu_s"] == two_nodes["elapsed_s"] * 4  # both nodes' allocation
     assert data["stages"][0]["allocated_gpu_hours"] == pytest.approx(two_nodes["elapsed_s"] * 4 / 3600)
-
 
 
 def test_the_deepspeed_launcher_starts_a_hostfile_of_two_nodes_over_ssh(node_cluster, tiny_assets, tmp_path):
@@ -121,20 +113,13 @@ def test_the_deepspeed_launcher_starts_a_hostfile_of_two_nodes_over_ssh(node_clu
     two = tmp_path / "two-nodes" / "run"
     info = json.loads((two / "run_info.json").read_text())
     assert info["launcher"] == "deepspeed/torchrun" and info["world_size"] == 4
-    reports = [json.loads((two / "ranks" / f"rank{r}.json").read_text()) for r in range(4)]
-    hosts = [r["host"] for r in reports]
-    assert hosts[0] == hosts[1] != hosts[2] == hosts[3] and all(h.startswith("mmnode") for h in hosts), hosts
+    hosts = assert_two_nodes_of_two_zero3_ranks(two)
     hostfile = (tmp_path / "two-nodes" / f"hostfile-{jobs['two-nodes']}").read_text().splitlines()
     assert hostfile == [f"{hosts[0]} slots=2", f"{hosts[2]} slots=2"]
-    assert {r["master"].split(":")[0] for r in reports} == {hosts[0]}
-    for report in reports:
-        llm = report["parameters"]["llm"]
-        assert report["zero_stage"] == 3 and llm["local_numel"] < 0.3 * llm["numel"], report
 
     two_losses, one_losses = losses(two), losses(tmp_path / "one-node" / "run")
     assert sorted(two_losses) == list(range(1, steps + 1))
     assert two_losses == one_losses
-
 
 
 def test_cancelling_a_hostfile_job_leaves_no_rank_behind_on_either_node(node_cluster, tiny_assets, tmp_path):
@@ -155,6 +140,19 @@ def test_cancelling_a_hostfile_job_leaves_no_rank_behind_on_either_node(node_clu
     assert not any(rank_processes(node) for node in nodes), {node: rank_processes(node) for node in nodes}
 
 
+def assert_two_nodes_of_two_zero3_ranks(folder: Path) -> list[str]:
+    """Ranks 0-1 ran on one namespace node and 2-3 on another (block distribution), all meeting at the first,
+    each holding about a quarter of the LLM under ZeRO-3; the ranks' hosts, in rank order."""
+    reports = [json.loads((folder / "ranks" / f"rank{r}.json").read_text()) for r in range(4)]
+    hosts = [r["host"] for r in reports]
+    assert hosts[0] == hosts[1] != hosts[2] == hosts[3] and all(h.startswith("mmnode") for h in hosts), hosts
+    assert {r["master"].split(":")[0] for r in reports} == {hosts[0]}
+    for report in reports:
+        llm = report["parameters"]["llm"]
+        assert report["zero_stage"] == 3 and llm["local_numel"] < 0.3 * llm["numel"], report
+    return hosts
+
+
 def submit_hostfile_job(folder: Path, assets, resources: list[str], **overrides) -> str:
     """sbatch slurm/train-deepspeed-hostfile.sbatch with a tiny ZeRO-3 config, from `folder`; the job id."""
     folder.mkdir(exist_ok=True)
@@ -172,9 +170,8 @@ def submit_hostfile_job(folder: Path, assets, resources: list[str], **overrides)
 
 def rank_processes(node: str) -> list[int]:
     """The processes of `node` that run the launcher or a rank (python -m deepspeed.launcher... / mmtrain.train)."""
-    pids = subprocess.run(["ip", "netns", "pids", f"mmtrain-{node}"], capture_output=True, text=True).stdout.split()
     found = []
-    for pid in pids:
+    for pid in node_pids(node):
         try:
             command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
@@ -184,10 +181,15 @@ def rank_processes(node: str) -> list[int]:
     return found
 
 
+def node_pids(name: str) -> list[int]:
+    """Every process of a namespace node (they live in its network namespace)."""
+    return [int(p) for p in subprocess.run(["ip", "netns", "pids", f"mmtrain-{name}"], capture_output=True,
+                                           text=True, check=True).stdout.split()]
+
+
 def kill_node(name: str) -> list[int]:
     """Every process of the node (its slurmd, the job's step daemons and ranks) gets SIGKILL: the node dies."""
-    pids = [int(p) for p in subprocess.run(["ip", "netns", "pids", f"mmtrain-{name}"], capture_output=True,
-                                           text=True, check=True).stdout.split()]
+    pids = node_pids(name)
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)

@@ -2,7 +2,8 @@
 
 Writes into OUTPUT_DIR/dump/: every parameter gathered in full before and after training
 (`initial.safetensors`, `final.safetensors`), every buffer after training (`buffers.safetensors`) and
-the logits of the first 4 training samples (`logits.safetensors`), all from rank 0. Usage (under `deepspeed` or `torchrun`):
+the logits of the first 4 training samples (`logits.safetensors`), all from rank 0.
+Usage (under `deepspeed` or `torchrun`):
     train_and_dump.py CONFIG.yaml [--set key=value ...]
 """
 
