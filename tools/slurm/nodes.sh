@@ -102,7 +102,7 @@ start_node_slurmd() {
 # their config changed.
 ssh_up() {
   local key name
-  mkdir -p "$SSH_DIR" /run/sshd
+  mkdir -p "$SSH_DIR" /run/sshd "$(dirname "$SSH_CLIENT_CONF")"
   chmod 755 "$SSH_DIR"
   for key in host root; do
     [ -s "$SSH_DIR/${key}_ed25519" ] ||
