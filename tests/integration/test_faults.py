@@ -315,7 +315,15 @@ def tmp_folders_since(run: Path, moment: float) -> list[str]:
     root = run / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.glob("*.tmp") if p.stat().st_mtime >= moment)
+    names = []
+    for folder in root.glob("*.tmp"):
+        try:
+            written = folder.stat().st_mtime
+        except FileNotFoundError:  # the save finished (renamed) between the listing and the stat
+            continue
+        if written >= moment:
+            names.append(folder.name)
+    return sorted(names)
 
 
 def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
