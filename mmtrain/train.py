@@ -12,7 +12,7 @@ import sys
 import mmtrain.engine  # noqa: F401  (selects DeepSpeed's accelerator before deepspeed is imported)
 from mmtrain.config import load_config
 from mmtrain.config.rules import check_training
-from mmtrain.engine.distributed import leave_distributed
+from mmtrain.engine.distributed import explain_collective_timeout, is_collective_timeout, leave_distributed
 from mmtrain.errors import EXIT_USER_ERROR, report_user_errors
 
 
@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m mmtrain.train") -
         # to fix, wherever it is found (not every reader raises a UserError naming the key yet).
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except RuntimeError as exc:
+        if is_collective_timeout(exc):
+            explain_collective_timeout(exc, cfg.collective_timeout_s)
+        raise
     return 0
 
 

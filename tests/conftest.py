@@ -98,6 +98,18 @@ def write_config(cfg: dict, path: Path) -> Path:
     return path
 
 
+def launcher_command(args: list[str], nprocs: int, launcher: str, port: str) -> list[str]:
+    """The command line that starts `args` (a module or script plus its arguments) as `nprocs` local ranks
+    under `launcher` (deepspeed or torchrun), meeting at `port`."""
+    bindir = Path(sys.executable).parent
+    if launcher == "deepspeed":
+        cmd = [str(bindir / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", port]
+        return cmd + (["--module", *args[1:]] if args[0] == "-m" else args)
+    if launcher == "torchrun":
+        return [str(bindir / "torchrun"), "--nproc_per_node", str(nprocs), "--master_port", port, *args]
+    raise ValueError(launcher)
+
+
 def launch(args: list[str], nprocs: int, launcher: str = "deepspeed", timeout: int = 600,
            env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run `args` (a module or script plus its arguments) under the real multi-process launcher.
@@ -106,14 +118,7 @@ def launch(args: list[str], nprocs: int, launcher: str = "deepspeed", timeout: i
     a run past `timeout` always does.
     """
     port = str(free_port())
-    bindir = Path(sys.executable).parent
-    if launcher == "deepspeed":
-        cmd = [str(bindir / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", port]
-        cmd += ["--module", *args[1:]] if args[0] == "-m" else args
-    elif launcher == "torchrun":
-        cmd = [str(bindir / "torchrun"), "--nproc_per_node", str(nprocs), "--master_port", port, *args]
-    else:
-        raise ValueError(launcher)
+    cmd = launcher_command(args, nprocs, launcher, port)
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     # Its own process group, so a timeout stops the ranks too (killing the launcher alone leaves
     # them spinning in a collective, loading the machine for every later test).

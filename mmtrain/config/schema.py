@@ -208,6 +208,9 @@ class _InitSourceCore:
     """Fail when a selected tensor has no parameter of the same name and shape in the model."""
 
 
+DEFAULT_COLLECTIVE_TIMEOUT_S = 1800
+"""The process group's collective timeout unless a run config sets `collective_timeout_s` (DeepSpeed's too)."""
+
 InitSource = with_sections(_InitSourceCore, "init", "InitSource")
 """An init source plus the method sections of an `init` entry (VPGTrans: `word_converter`)."""
 
@@ -234,6 +237,10 @@ class RunConfig:
     eval_every: int = 0
     """Validation loss on `data.val` every N steps (0 = only at the end; nothing without data.val)."""
     progress_bar: bool = True
+    collective_timeout_s: int = DEFAULT_COLLECTIVE_TIMEOUT_S
+    """Seconds a collective (all-reduce, gather, barrier) waits for the other ranks before this rank fails:
+    bounds the hang when a rank or node stops responding. Raise it if one step, evaluation or checkpoint
+    save legitimately keeps a rank away longer."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

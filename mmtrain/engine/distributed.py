@@ -17,7 +17,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmtrain.config.schema import DEFAULT_COLLECTIVE_TIMEOUT_S
 from mmtrain.engine.preemption import EXIT_REQUEUE
+from mmtrain.errors import UserError
+
+RETIRED_TIMEOUT_VARIABLE = "MMTRAIN_DIST_TIMEOUT_S"
 
 
 @dataclass(frozen=True)
@@ -65,16 +69,35 @@ def setup_dist_env(environ: dict[str, str] | None = None) -> DistEnv:
     return DistEnv(int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"]), launcher)
 
 
-def init_distributed() -> DistEnv:
-    """Set up the environment and DeepSpeed's process group (gloo on CPU, NCCL on CUDA)."""
+def init_distributed(timeout_s: int = DEFAULT_COLLECTIVE_TIMEOUT_S) -> DistEnv:
+    """Set up the environment and DeepSpeed's process group (gloo on CPU, NCCL on CUDA), whose collectives
+    fail after `timeout_s` seconds without the other ranks (the run config's `collective_timeout_s`)."""
     # heavy; imported where used, once the accelerator is chosen
     import deepspeed
 
+    if RETIRED_TIMEOUT_VARIABLE in os.environ:
+        raise UserError(f"{RETIRED_TIMEOUT_VARIABLE} is no longer read: set `collective_timeout_s: "
+                        f"{os.environ[RETIRED_TIMEOUT_VARIABLE]}` in the run config (or --set "
+                        f"collective_timeout_s=...) and unset the variable")
     dist_env = setup_dist_env()
     if not deepspeed.comm.is_initialized():
-        timeout = datetime.timedelta(seconds=int(os.environ.get("MMTRAIN_DIST_TIMEOUT_S", "1800")))
-        deepspeed.init_distributed(timeout=timeout)
+        deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
     return dist_env
+
+
+def is_collective_timeout(error: BaseException) -> bool:
+    """Whether `error` is a collective that gave up waiting for the other ranks (gloo's timeout; NCCL's
+    watchdog aborts the process instead of raising)."""
+    return isinstance(error, RuntimeError) and "gloo" in str(error) and "Timed out waiting" in str(error)
+
+
+def explain_collective_timeout(error: BaseException, timeout_s: int) -> None:
+    """Add to a collective timeout what it means and what to do (a note under its traceback)."""
+    error.add_note(f"rank {os.environ.get('RANK', '0')}: a collective waited collective_timeout_s = {timeout_s} s for the other ranks: "
+                   "one of them stopped responding (its process or node was lost or stalled, or it took another "
+                   "code path). Check the other ranks' logs. If a step, evaluation or checkpoint save can "
+                   "legitimately take that long, raise collective_timeout_s in the run config. A checkpointed "
+                   "run resumes when rerun (checkpoint.resume: auto).")
 
 
 def leave_distributed(exit_code: int) -> int:

@@ -112,7 +112,7 @@ def plan(cfg: RunConfig, purpose: Purpose) -> Placement:
     """Join (or start) the process group and fill the DeepSpeed JSON `cfg.deepspeed` for `purpose`."""
     if on_cpu():
         release_large_frees_to_os()
-    dist = init_distributed()
+    dist = init_distributed(cfg.collective_timeout_s)
     raw = load_ds_json(cfg.deepspeed)
     hidden = llm_hidden_size(cfg.model.llm)
     if purpose == "train":

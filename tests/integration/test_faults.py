@@ -12,6 +12,9 @@
   in start-up, in steps and in saves. After each, every complete checkpoint loads and the next run
   resumes from the newest (never a `.tmp`); the run finished last has the uninterrupted run's losses,
   bit for bit.
+- A rank that stops responding (2 ranks, ZeRO-3, the deepspeed launcher): rank 1 is frozen (SIGSTOP: a
+  hung device or a partitioned node sends its peers no error). Rank 0 fails after the run config's
+  `collective_timeout_s`, saying what happened and what to do, and the launcher stops the frozen rank.
 
 The tmpfs needs root (`mount`); without it these tests are skipped.
 """
@@ -36,8 +39,9 @@ from safetensors.torch import load_file
 
 from mmtrain.config.paths import CHECKPOINT_PATTERN, complete_checkpoints, latest_checkpoint
 from mmtrain.engine.checkpoint import estimate_checkpoint_bytes, resolve_resume
+from mmtrain.engine.distributed import remove_shm_allreduce_buffers
 from mmtrain.errors import EXIT_USER_ERROR
-from tests.conftest import REPO, launch, tiny_config, write_config
+from tests.conftest import REPO, free_port, launch, launcher_command, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
 PAGE = 4096
@@ -402,3 +406,79 @@ def test_kill_9_anywhere_then_resume_gives_the_same_losses(tiny_assets, tmp_path
     assert [step for step, _ in losses(run)] == list(range(1, KILLED_RUN_STEPS + 1))
     jsonl_records(run / "ledger.jsonl")
     assert not list((run / "checkpoints").glob("*.tmp"))
+
+
+# ------------------------------------------------------------------------------ a rank stops responding
+SILENT_TIMEOUT_S = 30
+"""collective_timeout_s of the frozen-rank test: far above a tiny step, below a CI-friendly wait."""
+
+
+def rank_pid(session: int, rank: int) -> int | None:
+    """The training process of `rank` among the processes of session `session` (from its RANK variable)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getsid(int(entry.name)) != session:
+                continue
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:  # ended meanwhile (ProcessLookupError is one)
+            continue
+        if b"mmtrain.train" in command and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    return None
+
+
+def gone(pid: int) -> bool:
+    """Whether process `pid` has ended (reaped, or a zombie waiting for it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_a_rank_that_stops_responding_fails_the_run_after_collective_timeout_s(tiny_assets, tmp_path):
+    run = tmp_path / "run"
+    config = write_config(tiny_config(tiny_assets, run, max_steps=100_000, log_every=1,
+                                      collective_timeout_s=SILENT_TIMEOUT_S,
+                                      deepspeed=str(REPO / "ds_configs" / "zero3.json")), tmp_path / "config.yaml")
+    port = str(free_port())
+    log = tmp_path / "launcher.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(launcher_command(["-m", "mmtrain.train", str(config)], 2, "deepspeed", port),
+                                cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    frozen = None
+    try:
+        deadline = time.monotonic() + 300
+        while max_logged_step(run) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-6000:]
+            time.sleep(0.1)
+        frozen = rank_pid(proc.pid, 1)
+        assert frozen, f"rank 1's process is not among the launcher's:\n{log.read_text()[-3000:]}"
+        os.kill(frozen, signal.SIGSTOP)
+        frozen_at, step_at_freeze = time.monotonic(), max_logged_step(run)
+        code = proc.wait(timeout=SILENT_TIMEOUT_S + 240)
+        ended_after = time.monotonic() - frozen_at
+        deadline = time.monotonic() + 30
+        while not gone(frozen) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert gone(frozen), "the frozen rank outlived its launcher"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if frozen and not gone(frozen):
+            os.kill(frozen, signal.SIGKILL)
+        remove_shm_allreduce_buffers(port)
+    output = log.read_text()
+    assert code != 0, output[-6000:]
+    # gloo's own words carry the timeout the process group was given: the config's value, in ms
+    assert f"Timed out waiting {SILENT_TIMEOUT_S * 1000}ms" in output, output[-6000:]
+    assert (f"rank 0: a collective waited collective_timeout_s = {SILENT_TIMEOUT_S} s for the other ranks"
+            in output), output[-6000:]
+    assert max_logged_step(run) <= step_at_freeze + 1  # nothing trained on without rank 1
+    assert ended_after < SILENT_TIMEOUT_S + 120, ended_after
+    print(f"\nrank 1 frozen at step {step_at_freeze}: rank 0 failed and the launcher exited {code} "
+          f"{ended_after:.0f} s later (collective_timeout_s = {SILENT_TIMEOUT_S})")

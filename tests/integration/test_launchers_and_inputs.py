@@ -29,12 +29,11 @@ def _mixed_manifest(assets, path: Path) -> Path:
 def test_zero3_text_only_rank_does_not_hang(tiny_assets, tmp_path):
     manifest = _mixed_manifest(tiny_assets, tmp_path / "mixed.jsonl")
     cfg = tiny_config(tiny_assets, tmp_path / "run", deepspeed=str(REPO / "ds_configs" / "zero3.json"),
-                      micro_batch_size=2, max_steps=4, **{"data.train": str(manifest), "data.shuffle": False,
-                                                          "data.template": "chat"})
+                      micro_batch_size=2, max_steps=4, collective_timeout_s=120,
+                      **{"data.train": str(manifest), "data.shuffle": False, "data.template": "chat"})
     path = write_config(cfg, tmp_path / "config.yaml")
-    # Under the torchrun launcher; the timeout turns a hang into a failure.
-    launch(["-m", "mmtrain.train", str(path)], nprocs=2, launcher="torchrun", timeout=300,
-           env={"MMTRAIN_DIST_TIMEOUT_S": "120"})
+    # Under the torchrun launcher; the collective timeout turns a hang into a failure.
+    launch(["-m", "mmtrain.train", str(path)], nprocs=2, launcher="torchrun", timeout=300)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())

@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from mmtrain.engine.distributed import setup_dist_env
 
 
@@ -70,3 +72,27 @@ def test_a_clean_end_leaves_the_process_group_and_a_failed_one_does_not():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env,
                             cwd=Path(__file__).resolve().parents[2])
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_the_retired_timeout_variable_is_an_error_naming_the_config_key(monkeypatch):
+    from mmtrain.engine.distributed import init_distributed
+    from mmtrain.errors import UserError
+
+    monkeypatch.setenv("MMTRAIN_DIST_TIMEOUT_S", "600")
+    with pytest.raises(UserError, match=r"MMTRAIN_DIST_TIMEOUT_S is no longer read: set `collective_timeout_s: 600`"):
+        init_distributed(60)
+
+
+def test_only_gloo_timeouts_are_collective_timeouts_and_their_note_says_what_to_do(monkeypatch):
+    from mmtrain.engine.distributed import explain_collective_timeout, is_collective_timeout
+
+    timeout = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] "
+                           "Timed out waiting 30000ms for recv operation to complete")
+    assert is_collective_timeout(timeout)
+    assert not is_collective_timeout(RuntimeError("CUDA out of memory"))
+    assert not is_collective_timeout(ValueError(str(timeout)))
+    monkeypatch.setenv("RANK", "3")
+    explain_collective_timeout(timeout, 30)
+    assert timeout.__notes__[0].startswith("rank 3: a collective waited collective_timeout_s = 30 s for the other "
+                                           "ranks")
+    assert "raise collective_timeout_s in the run config" in timeout.__notes__[0]

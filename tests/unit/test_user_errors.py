@@ -65,7 +65,7 @@ BAD_VALUES = [
     ("log_every", 0), ("eval_every", -1), ("checkpoint.save_every", -1), ("checkpoint.keep_last", -1),
     ("optim.warmup_steps", -1), ("optim.min_lr_ratio", -0.1), ("optim.min_lr_ratio", 1.5),
     ("optim.weight_decay", -0.01), ("optim.eps", 0.0), ("grad_clip", -1.0), ("data.max_length", 0),
-    ("data.num_workers", -1), ("data.train_samples", 0), ("data.val_samples", 0),
+    ("data.num_workers", -1), ("data.train_samples", 0), ("data.val_samples", 0), ("collective_timeout_s", 0),
 ]
 
 
@@ -104,7 +104,7 @@ def test_limits_themselves_and_optional_values_are_allowed():
                             "checkpoint.keep_last": 0,  # 0 keeps every checkpoint (save_checkpoint)
                             "optim.warmup_steps": 0, "optim.min_lr_ratio": 1.0, "optim.weight_decay": 0.0,
                             "optim.betas": (0.0, 0.0), "grad_clip": 0.0, "data.num_workers": 0,
-                            "data.train_samples": None, "data.val_samples": 1}), "c.yaml")
+                            "data.train_samples": None, "data.val_samples": 1, "collective_timeout_s": 1}), "c.yaml")
 
 
 def test_every_problem_is_reported_at_once():
