@@ -12,7 +12,7 @@ import sys
 import mmtrain.engine  # noqa: F401  (selects DeepSpeed's accelerator before deepspeed is imported)
 from mmtrain.config import load_config
 from mmtrain.config.rules import check_training
-from mmtrain.engine.distributed import explain_collective_timeout, is_collective_timeout, leave_distributed
+from mmtrain.engine.distributed import explain_collective_failure, leave_distributed
 from mmtrain.errors import EXIT_USER_ERROR, report_user_errors
 
 
@@ -53,8 +53,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m mmtrain.train") -
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except RuntimeError as exc:
-        if is_collective_timeout(exc):
-            explain_collective_timeout(exc, cfg.collective_timeout_s)
+        explain_collective_failure(exc, cfg.collective_timeout_s)
         raise
     return 0
 

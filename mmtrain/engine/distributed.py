@@ -85,19 +85,26 @@ def init_distributed(timeout_s: int = DEFAULT_COLLECTIVE_TIMEOUT_S) -> DistEnv:
     return dist_env
 
 
-def is_collective_timeout(error: BaseException) -> bool:
-    """Whether `error` is a collective that gave up waiting for the other ranks (gloo's timeout; NCCL's
-    watchdog aborts the process instead of raising)."""
-    return isinstance(error, RuntimeError) and "gloo" in str(error) and "Timed out waiting" in str(error)
+RERUN_RESUMES = "A checkpointed run resumes from its last complete checkpoint when rerun (checkpoint.resume: auto)."
 
 
-def explain_collective_timeout(error: BaseException, timeout_s: int) -> None:
-    """Add to a collective timeout what it means and what to do (a note under its traceback)."""
-    error.add_note(f"rank {os.environ.get('RANK', '0')}: a collective waited collective_timeout_s = {timeout_s} s for the other ranks: "
-                   "one of them stopped responding (its process or node was lost or stalled, or it took another "
-                   "code path). Check the other ranks' logs. If a step, evaluation or checkpoint save can "
-                   "legitimately take that long, raise collective_timeout_s in the run config. A checkpointed "
-                   "run resumes when rerun (checkpoint.resume: auto).")
+def explain_collective_failure(error: BaseException, timeout_s: int) -> None:
+    """Add to a collective that failed because of another rank what happened and what to do (a note under
+    its traceback): a peer that stopped responding for `timeout_s` seconds, or one whose process ended.
+    gloo's errors only; NCCL's watchdog ends the process itself."""
+    text = str(error)
+    if not isinstance(error, RuntimeError) or "gloo" not in text:
+        return
+    rank = os.environ.get("RANK", "0")
+    if "Timed out waiting" in text:
+        error.add_note(f"rank {rank}: a collective waited collective_timeout_s = {timeout_s} s for the other "
+                       "ranks: one of them stopped responding (its process or node stalled or was cut off, or it "
+                       "took another code path). Check the other ranks' logs. If a step, evaluation or "
+                       "checkpoint save can legitimately take that long, raise collective_timeout_s in the run "
+                       f"config. {RERUN_RESUMES}")
+    elif "Connection closed by peer" in text or "Connection reset by peer" in text:
+        error.add_note(f"rank {rank}: another rank's process ended, or its node was lost, in the middle of a "
+                       f"collective; its own log says why. {RERUN_RESUMES}")
 
 
 def leave_distributed(exit_code: int) -> int:

@@ -6,13 +6,14 @@ hostname, address and slurmd; the filesystem is shared, as on a cluster. A stage
 exactly as the same recipe does on one node; when one of its nodes dies, SLURM requeues it onto the two
 that are left (the spare), and it resumes from its last complete checkpoint. The deepspeed launcher's route
 (slurm/train-deepspeed-hostfile.sbatch) starts the ranks over ssh through the nodes' sshd and must train the
-same way, and leave nothing behind when cancelled.
+same way, and leave nothing behind when cancelled or when one of its nodes dies; rerun, it resumes exactly.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -140,6 +141,51 @@ def test_cancelling_a_hostfile_job_leaves_no_rank_behind_on_either_node(node_clu
     assert not any(rank_processes(node) for node in nodes), {node: rank_processes(node) for node in nodes}
 
 
+def test_losing_a_node_of_a_hostfile_job_ends_it_and_a_rerun_resumes_exactly(node_cluster, tiny_assets, tmp_path):
+    """The hostfile route has no requeue of its own: a lost node must end the job (no rank left waiting on the
+    node that survived), and rerunning the script resumes from the last complete checkpoint."""
+    steps, save_every = 20, 5
+    settings = {"max_steps": steps, "checkpoint.save_every": save_every, "collective_timeout_s": 120}
+    two_nodes = ["--nodes=2", "--gres=gpu:2", f"--partition={MULTI_PARTITION}"]
+    lost, straight = tmp_path / "node-lost", tmp_path / "straight"
+    job = submit_hostfile_job(lost, tiny_assets, two_nodes, **settings)
+    reference = submit_hostfile_job(straight, tiny_assets, ["--nodes=1", "--gres=gpu:4", "--partition=debug"],
+                                    **settings)
+    step_at_kill, first, _, killed_at = kill_a_node_after_two_checkpoints(job, lost / "run" / "metrics.jsonl",
+                                                                          save_every, steps)
+    ended_after = seconds_until_job_state(job, ("FAILED", "NODE_FAIL"), killed_at)
+    # The ranks on the node left see their peers' connections close: they fail at once, before the controller
+    # could declare the node dead (NODE_FAIL, which would requeue the job).
+    assert sacct_now(job)[0]["state"] == "FAILED", sacct_now(job)
+    lost_log = (lost / f"slurm-mmtrain-ds-{job}.out").read_text()
+    assert re.search(rf"{first}: \[rank[01]\]: rank [01]: another rank's process ended, or its node was lost",
+                     lost_log), lost_log[-4000:]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and rank_processes(first):
+        time.sleep(0.5)
+    assert not rank_processes(first), f"ranks left on {first}, the node that survived"
+
+    rerun = submit_hostfile_job(lost, tiny_assets, two_nodes, **settings)
+    from mmtrain.cost.sacct import wait_for_final
+
+    rows = {r.job_id: r.as_dict() for instances in wait_for_final([rerun, reference], timeout_s=600,
+                                                                  poll_s=2).values() for r in instances}
+    ensure_cluster(nodes=NODES)  # the dead node comes back for the tests after this one
+    rerun_log = (lost / f"slurm-mmtrain-ds-{rerun}.out").read_text()
+    for name, other in (("rerun", rerun), ("reference", reference)):
+        assert rows[other]["state"] == "COMPLETED", f"{name}: {rows[other]}"
+    resumed = re.search(r"resumed from \S+/step_(\d+) at step", rerun_log)
+    assert resumed, rerun_log[-4000:]
+    resumed_from = int(resumed.group(1))
+    assert resumed_from % save_every == 0 and save_every * 2 <= resumed_from <= step_at_kill
+    after, uninterrupted = losses(lost / "run"), losses(straight / "run")
+    assert sorted(after) == list(range(1, steps + 1)) == sorted(uninterrupted)
+    assert after == uninterrupted
+    print(f"\nhostfile node loss: killed at step {step_at_kill}, job {job} ended FAILED {ended_after:.1f} s later; "
+          f"the rerun resumed from step {resumed_from} "
+          f"({step_at_kill - resumed_from} steps lost)")
+
+
 def assert_two_nodes_of_two_zero3_ranks(folder: Path) -> list[str]:
     """Ranks 0-1 ran on one namespace node and 2-3 on another (block distribution), all meeting at the first,
     each holding about a quarter of the LLM under ZeRO-3; the ranks' hosts, in rank order."""
@@ -213,25 +259,10 @@ def test_losing_a_node_mid_run_ends_the_instance_cleanly_requeues_and_resumes_ex
         assert mmtrain("submit", str(recipe)).returncode == 0
         runs[name] = folder / "run"
     job = json.loads((runs["node-lost"] / "slurm" / "jobs.json").read_text())["stages"][0]["job_id"]
-    metrics = runs["node-lost"] / "01-train" / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and len(losses_so_far(metrics)) < 2 * save_every + 2:
-        time.sleep(0.2)
-    step_at_kill = max(losses_so_far(metrics), default=0)
-    assert step_at_kill < steps, "the run ended before the node could be lost"
-    first, second = job_nodes(job)
-    killed_at = time.monotonic()
-    assert kill_node(second), f"no process to kill on {second}"
-
+    step_at_kill, _, second, killed_at = kill_a_node_after_two_checkpoints(
+        job, runs["node-lost"] / "01-train" / "metrics.jsonl", save_every, steps)
     # The instance must end (no rank left waiting in a collective), as NODE_FAIL, and be requeued.
-    ended_after = None
-    while time.monotonic() - killed_at < 180:
-        rows = sacct_now(job)
-        if rows and rows[0]["state"] == "NODE_FAIL":
-            ended_after = time.monotonic() - killed_at
-            break
-        time.sleep(1)
-    assert ended_after is not None, f"job {job} did not end after its node died: {sacct_now(job)}"
+    ended_after = seconds_until_job_state(job, ("NODE_FAIL",), killed_at)
     for run in runs.values():  # the requeued job runs on the node left and the spare
         code, status = wait_final(run, timeout=600)
         assert code == 0, status
@@ -265,6 +296,30 @@ def test_losing_a_node_mid_run_ends_the_instance_cleanly_requeues_and_resumes_ex
     assert stage["interrupted_gpu_hours"] == pytest.approx(rows[0]["elapsed_s"] * 4 / 3600)
     print(f"\nnode loss: killed at step {step_at_kill}, instance ended NODE_FAIL {ended_after:.0f} s later, "
           f"resumed from step {resumed_from} ({step_at_kill - resumed_from} steps lost)")
+
+
+def kill_a_node_after_two_checkpoints(job: str, metrics: Path, save_every: int,
+                                      steps: int) -> tuple[int, str, str, float]:
+    """Once the run logged two checkpoints' worth of steps and two more, kill the second of the job's nodes;
+    (the step logged last, the node left, the node killed, time.monotonic() at the kill)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(losses_so_far(metrics)) < 2 * save_every + 2:
+        time.sleep(0.2)
+    step_at_kill = max(losses_so_far(metrics), default=0)
+    assert 2 * save_every < step_at_kill < steps, f"step {step_at_kill}: the kill would not land mid-run"
+    first, second = job_nodes(job)
+    assert kill_node(second), f"no process to kill on {second}"
+    return step_at_kill, first, second, time.monotonic()
+
+
+def seconds_until_job_state(job: str, states: tuple[str, ...], since: float, timeout: float = 180) -> float:
+    """Seconds from `since` until sacct shows `job` in one of `states` (a node died at `since`)."""
+    while time.monotonic() - since < timeout:
+        rows = sacct_now(job)
+        if rows and rows[0]["state"] in states:
+            return time.monotonic() - since
+        time.sleep(0.5)
+    raise AssertionError(f"job {job} did not end after its node died: {sacct_now(job)}")
 
 
 def losses_so_far(metrics: Path) -> dict[int, float]:

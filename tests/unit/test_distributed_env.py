@@ -83,16 +83,21 @@ def test_the_retired_timeout_variable_is_an_error_naming_the_config_key(monkeypa
         init_distributed(60)
 
 
-def test_only_gloo_timeouts_are_collective_timeouts_and_their_note_says_what_to_do(monkeypatch):
-    from mmtrain.engine.distributed import explain_collective_timeout, is_collective_timeout
+def test_gloo_failures_caused_by_another_rank_get_a_note_saying_what_to_do(monkeypatch):
+    from mmtrain.engine.distributed import explain_collective_failure
 
+    monkeypatch.setenv("RANK", "3")
     timeout = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] "
                            "Timed out waiting 30000ms for recv operation to complete")
-    assert is_collective_timeout(timeout)
-    assert not is_collective_timeout(RuntimeError("CUDA out of memory"))
-    assert not is_collective_timeout(ValueError(str(timeout)))
-    monkeypatch.setenv("RANK", "3")
-    explain_collective_timeout(timeout, 30)
+    explain_collective_failure(timeout, 30)
     assert timeout.__notes__[0].startswith("rank 3: a collective waited collective_timeout_s = 30 s for the other "
                                            "ranks")
     assert "raise collective_timeout_s in the run config" in timeout.__notes__[0]
+    closed = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                          "[10.0.0.2]:694. This is typically caused by a remote worker crashing.")
+    explain_collective_failure(closed, 30)
+    assert closed.__notes__[0].startswith("rank 3: another rank's process ended, or its node was lost")
+    for unrelated in (RuntimeError("CUDA out of memory"), ValueError(str(timeout)),
+                      RuntimeError("gloo: unsupported reduction")):
+        explain_collective_failure(unrelated, 30)
+        assert not getattr(unrelated, "__notes__", None)
