@@ -13,9 +13,11 @@ At LLaVA-1.5-7B's shapes (`--shape llava-1.5-7b`: CLIP ViT-L/14-336-shaped tower
 LLaVA-1.5's MLP projector, a Llama-2-7B-shaped LLM at full depth, ~100 text tokens a sample, random
 weights, no files needed), the arms are ZeRO-2 / ZeRO-3 x padded / packed, with `data.num_workers:
 auto`, and the report adds frozen-aware MFU: LLM forward + input gradients 4 x params x tokens,
-frozen tower forward 2 x params x patch tokens, trainable projector 6 x params x visual tokens:
+frozen tower forward 2 x params x patch tokens, trainable projector 6 x params x visual tokens.
+The LLM's random weights are drawn once on the GPU and saved under the work folder; the arms load
+them as a pretrained LLM (drawing them on the CPU from a config takes minutes):
 
-    DS_ACCELERATOR=cuda python benchmarks/bench_gpu_step.py --shape llava-1.5-7b     # <= 8 minutes
+    DS_ACCELERATOR=cuda python benchmarks/bench_gpu_step.py --shape llava-1.5-7b     # ~1 minute an arm
 
 Step time = median of `step_time_s` over the logged steps after `--skip`. MFU counts the frozen
 LLM's matrix work only, 4 x non-embedding parameters x tokens per step (forward 2N, backward 2N for
@@ -78,18 +80,32 @@ def peak_tflops() -> tuple[str, float | None]:
 
 
 def train(cfg: dict, out: Path, timeout: int, result: dict) -> dict:
-    """Run one arm's config through `python -m mmtrain.train`; `result` plus its wall time (or its error)."""
+    """Run one arm's config through `python -m mmtrain.train`; `result` plus its wall time (or its error).
+
+    The run's output goes to `out/train.log` as it comes, so an arm stopped at `timeout` still shows
+    how far it got; a timeout is that arm's error, and the other arms still run.
+    """
     import yaml
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.yaml").write_text(yaml.safe_dump(cfg))
+    log = out / "train.log"
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "mmtrain.train", str(out / "bench.yaml")], cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")},
-                          capture_output=True, text=True, timeout=timeout)
-    result = {**result, "wall_s": time.perf_counter() - started}
-    if proc.returncode != 0:
-        result["error"] = (proc.stdout[-1500:] + proc.stderr[-3000:])
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "mmtrain.train", str(out / "bench.yaml")], cwd=REPO,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                     "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")},
+                                stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            code = None
+    result = {**result, "wall_s": time.perf_counter() - started, "log": str(log)}
+    if code != 0:
+        ending = f"timed out after {timeout} s" if code is None else f"exited {code}"
+        result["error"] = f"{ending}; the end of {log}:\n" + log.read_text(errors="replace")[-4000:]
     return result
 
 
@@ -164,10 +180,40 @@ def shape_data(workdir: Path, image_size: int) -> tuple[Path, Path]:
     return manifest, tokenizer
 
 
+def random_llm_folder(workdir: Path, shape: str, config: dict, precision: str) -> Path:
+    """The shape's LLM with random weights, saved once as a Hugging Face folder that the arms load as users
+    load a pretrained LLM. Built on the GPU when there is one: drawing a 7B model's random weights on the
+    CPU, as `model.llm.config` does, takes minutes of one core."""
+    folder = workdir / f"llm-{shape}-{precision}"
+    if (folder / "config.json").is_file():
+        return folder
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    params = dict(config)
+    hf_config = AutoConfig.for_model(params.pop("model_type"), **params)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    started = time.perf_counter()
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    unfinished = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(unfinished, ignore_errors=True)
+    model.save_pretrained(unfinished)
+    unfinished.rename(folder)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    print(f"random {shape} LLM saved to {folder} in {time.perf_counter() - started:.0f} s", flush=True)
+    return folder
+
+
 def run_shape_arm(workdir: Path, shape: str, stage: str, packing: bool, args) -> dict:
     """One arm at a named shape through `python -m mmtrain.train`; frozen-aware MFU from its metrics."""
     vision, llm = SHAPES[shape]
     manifest, tokenizer = shape_data(workdir, vision["image_size"])
+    llm_folder = random_llm_folder(workdir, shape, llm, args.precision)
     name = f"{shape}-{stage}-{'packed' if packing else 'padded'}"
     out = workdir / name
     sample_tokens = (vision["image_size"] // vision["patch_size"]) ** 2 + 110
@@ -178,7 +224,7 @@ def run_shape_arm(workdir: Path, shape: str, stage: str, packing: bool, args) ->
         "progress_bar": False, "log_every": 1, "seed": 0,
         "model": {"vision": {"config": vision, "feature_layer": -2, "drop_cls": True},
                   "resampler": {"kind": "identity"}, "projector": {"kind": "mlp"},
-                  "llm": {"config": llm, "tokenizer": str(tokenizer), "trainable": "frozen",
+                  "llm": {"name_or_path": str(llm_folder), "tokenizer": str(tokenizer), "trainable": "frozen",
                           "attn_implementation": "auto"}},
         "data": {"train": str(manifest), "template": "plain", "num_workers": "auto", "packing": packing,
                  "max_length": args.pack_length if packing else 1024},
