@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -56,14 +57,21 @@ VIT_B16 = {"model_type": "clip_vision_model", "hidden_size": 768, "intermediate_
            "num_attention_heads": 12, "image_size": 224, "patch_size": 16}
 
 
+def hf_config(config: dict):
+    """A Hugging Face config object from a plain dict holding its `model_type`."""
+    from transformers import AutoConfig
+
+    params = dict(config)
+    return AutoConfig.for_model(params.pop("model_type"), **params)
+
+
 def non_embedding_parameters(config: dict) -> int:
     """Parameters of the LLM's decoder layers (what every token passes through), from its config."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     import torch
 
-    params = dict(config)
-    cfg = AutoConfig.for_model(params.pop("model_type"), **params)
+    cfg = hf_config(config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
     total = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
@@ -154,11 +162,10 @@ def run_arm(workdir: Path, llm_dir: Path, tokenizer: Path, stage: str, args) -> 
 def module_parameters(config: dict) -> int:
     """Parameters of a Hugging Face model built from `config` (on the meta device: no memory)."""
     import torch
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
 
-    params = dict(config)
     with torch.device("meta"):
-        model = AutoModel.from_config(AutoConfig.for_model(params.pop("model_type"), **params))
+        model = AutoModel.from_config(hf_config(config))
     return sum(p.numel() for p in model.parameters())
 
 
@@ -187,17 +194,14 @@ def random_llm_folder(workdir: Path, shape: str, config: dict, precision: str) -
     folder = workdir / f"llm-{shape}-{precision}"
     if (folder / "config.json").is_file():
         return folder
-    import shutil
-
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    params = dict(config)
-    hf_config = AutoConfig.for_model(params.pop("model_type"), **params)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    from mmtrain.engine.placement import DTYPES
+
     started = time.perf_counter()
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(hf_config(config), dtype=DTYPES[precision])
     unfinished = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(unfinished, ignore_errors=True)
     model.save_pretrained(unfinished)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from mmtrain.config.errors import ConfigError
-from mmtrain.config.schema import RunConfig
+from mmtrain.config.schema import DEFAULT_COLLECTIVE_TIMEOUT_S, RunConfig
 
 LR_COMPONENTS = ("vision", "resampler", "projector", "llm")
 """Keys of `optim.lr_multipliers` (the VLM's components, `mmtrain.models.vlm.COMPONENTS`)."""
@@ -97,7 +97,7 @@ def value_problems(cfg: RunConfig) -> list[str]:
     at_least("stop_after_steps", cfg.stop_after_steps, 1, " (or null: run to max_steps)", optional=True)
     at_least("log_every", cfg.log_every, 1)
     at_least("collective_timeout_s", cfg.collective_timeout_s, 1,
-             " (seconds a collective waits for the other ranks before failing; default 1800)")
+             f" (seconds a collective waits for the other ranks before failing; default {DEFAULT_COLLECTIVE_TIMEOUT_S})")
     at_least("eval_every", cfg.eval_every, 0, " (0 = only at the end)")
     at_least("checkpoint.save_every", cfg.checkpoint.save_every, 0, " (0 = only at the end)")
     # 0 has always kept every checkpoint (save_checkpoint prunes only when keep_last > 0).
